@@ -1,0 +1,86 @@
+"""Index streams for training: uniform epochs and probability-weighted batches, in JAX.
+
+Both functions are jit-compatible (sizes are static Python ints) and loop over nothing in Python.
+Their arguments are checked before tracing; `probs` values only where they are concrete.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def epoch_batches(key: jax.Array, num_samples: int, batch_size: int, *, drop_last: bool = True) -> jax.Array:
+  """One uniform epoch: a random permutation of range(num_samples) cut into batches, (num_batches, batch_size) int32.
+
+  With `drop_last=False` the last batch is filled up with the first indices of the permutation, so every
+  sample is seen and a few are seen twice. Under `jax.jit`, `num_samples` and `batch_size` must be static.
+
+  Example: `epoch_batches(jax.random.key(0), 10, 4)` has shape (2, 4) and no repeated index.
+  """
+  _check_size("num_samples", num_samples)
+  _check_size("batch_size", batch_size)
+  if batch_size > num_samples:
+    raise ValueError(f"batch_size={batch_size} is larger than num_samples={num_samples}; expected at most that")
+  num_batches = num_samples // batch_size if drop_last else -(-num_samples // batch_size)
+  perm = jax.random.permutation(key, num_samples).astype(jnp.int32)  # (N,)
+  padded = jnp.concatenate([perm, perm[: num_batches * batch_size - num_samples]])  # wrap around when not dropping
+  return padded[: num_batches * batch_size].reshape(num_batches, batch_size)
+
+
+def weighted_batches(
+    key: jax.Array, probs: jax.Array, batch_size: int, num_batches: int, *, replace: bool = True
+) -> jax.Array:
+  """Batches of indices drawn with probability proportional to `probs` (N,): (num_batches, batch_size) int32.
+
+  `probs` need not be normalised; zero entries are never drawn. With `replace=True` every draw is
+  independent (categorical sampling); with `replace=False` a batch holds distinct indices, drawn by
+  Gumbel top-k (sequential sampling without replacement), and batches are independent of each other.
+  Under `jax.jit`, `batch_size` and `num_batches` must be static.
+  """
+  _check_size("batch_size", batch_size)
+  _check_size("num_batches", num_batches)
+  probs = jnp.asarray(probs)
+  _check_probs(probs, batch_size, replace)
+  logits = jnp.log(probs)  # (N,); log(0) = -inf is never drawn
+  if replace:
+    return jax.random.categorical(key, logits, shape=(num_batches, batch_size)).astype(jnp.int32)
+  perturbed = logits + jax.random.gumbel(key, (num_batches, probs.shape[0]), dtype=logits.dtype)  # (S, N)
+  return jax.lax.top_k(perturbed, batch_size)[1].astype(jnp.int32)
+
+
+def _check_size(name: str, value: object) -> None:
+  """Raise unless `value` is a positive Python int (a static size)."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    raise ValueError(f"{name} must be a positive int (static under jit), got {value!r}")
+
+
+def _check_probs(probs: jax.Array, batch_size: int, replace: bool) -> None:
+  """Raise on a bad shape, a batch of distinct indices larger than N, or (when concrete) bad probability values."""
+  if probs.ndim != 1 or probs.shape[0] == 0:
+    raise ValueError(f"probs must have shape (N,) with N >= 1, got shape {probs.shape}")
+  if not jnp.issubdtype(probs.dtype, jnp.floating):
+    raise ValueError(f"probs must be floating point, got dtype {probs.dtype}")
+  n = probs.shape[0]
+  if not replace and batch_size > n:
+    raise ValueError(
+        f"batch_size={batch_size} is larger than the number of samples N={n}; expected at most N distinct indices"
+        " per batch (replace=False)"
+    )
+  if isinstance(probs, jax.core.Tracer):
+    return
+  p = np.asarray(probs)
+  if not np.isfinite(p).all():
+    raise ValueError(f"probs has {int((~np.isfinite(p)).sum())} NaN or inf entries; expected finite values")
+  if (p < 0).any():
+    raise ValueError(f"probs has negative entries (min {p.min():.3g} at index {int(p.argmin())}); expected >= 0")
+  if p.sum() <= 0:
+    raise ValueError("probs are all zero; expected a positive sum")
+  if not replace and (p > 0).sum() < batch_size:
+    raise ValueError(
+        f"only {int((p > 0).sum())} indices have positive probability but batch_size={batch_size} distinct"
+        " indices were asked for (replace=False); expected at least batch_size positive entries"
+    )

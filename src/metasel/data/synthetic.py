@@ -1,0 +1,251 @@
+"""Generated datasets that need no download: noisy sine regression and real+synthetic mixtures.
+
+Mixtures record each sample's true quality tier, so a selection method can be scored directly
+(e.g. AUC of learned weights against clean/corrupt). In a mixture's train split the real rows come
+first, then the synthetic rows (shuffled); `val` and `test` hold clean real data only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import sklearn.datasets
+
+from metasel.data import sources
+from metasel.data.dataset import Dataset
+
+MIXTURE_TIERS = ("clean", "label_noise", "feature_shift", "near_duplicate", "pure_noise")
+DIGITS_TIERS = ("clean", "pixel_noise", "blur", "shift", "label_flip")
+DEFAULT_MIXTURE_TIERS = {"label_noise": 0.2, "feature_shift": 0.15, "near_duplicate": 0.1, "pure_noise": 0.15}
+DEFAULT_DIGITS_TIERS = {"pixel_noise": 0.15, "blur": 0.15, "shift": 0.15, "label_flip": 0.15}
+
+
+def sine(
+    *,
+    seed: int = 0,
+    n_train: int = 1000,
+    n_val: int = 200,
+    n_test: int = 200,
+    noise: float = 0.1,
+    x_range: tuple[float, float] = (-5.0, 5.0),
+) -> Dataset:
+  """Noisy sine regression (the DVN paper's synthetic task): x ~ U(x_range), y = sin(x) + N(0, noise^2).
+
+  All three splits come from the same distribution (noisy targets) and all samples are clean.
+  x is (N, 1) float32, y (N,) float32.
+  """
+  sources.check_seed(seed)
+  for name, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+    sources.check_int(name, n)
+  sources.check_float("noise", noise)
+  if not (isinstance(x_range, (tuple, list)) and len(x_range) == 2 and x_range[0] < x_range[1]):
+    raise ValueError(f"x_range must be a pair (low, high) with low < high, got {x_range!r}")
+  rng = np.random.default_rng(seed)
+  n = n_train + n_val + n_test
+  x = rng.uniform(*x_range, size=(n, 1))  # (N, 1)
+  y = np.sin(x[:, 0]) + noise * rng.normal(size=n)  # (N,)
+  idx = np.arange(n)
+  cuts = np.cumsum([n_train, n_val])
+  parts = [(x[s], y[s], None, idx[s]) for s in np.split(idx, cuts)]
+  return sources.from_arrays(*parts, name="sine", num_classes=0, feature_names=("x",))
+
+
+def mixture(
+    *,
+    seed: int = 0,
+    n_real: int = 400,
+    n_synthetic: int = 1600,
+    n_val: int = 200,
+    n_test: int = 1000,
+    num_classes: int = 4,
+    dim: int = 32,
+    separation: float = 2.5,
+    tiers: Mapping[str, float] | None = None,
+    shift: float = 0.7,
+    duplicate_sources: int = 10,
+    duplicate_jitter: float = 0.01,
+    noise_scale: float = 3.0,
+) -> Dataset:
+  """Gaussian class clusters: a small clean real part plus a larger synthetic part with known corruption tiers.
+
+  Class c has mean `separation * u_c` (u_c a random unit vector in `dim` dimensions) and identity
+  covariance. `tiers` maps a corruption to its fraction of the synthetic part (the rest is clean,
+  tier 0); default `DEFAULT_MIXTURE_TIERS` (60% corrupted). The corruptions:
+    label_noise     the label is flipped to another class;
+    feature_shift   x moves `shift` of the way toward another class's mean, label kept;
+    near_duplicate  tiny jitter (std `duplicate_jitter`) copies of `duplicate_sources` synthetic points;
+    pure_noise      x ~ N(0, noise_scale^2 I), label uniform at random.
+  Train is the n_real real rows followed by the n_synthetic synthetic rows; val and test are clean real data.
+  """
+  sources.check_seed(seed)
+  for name, n in (("n_real", n_real), ("n_val", n_val), ("n_test", n_test), ("dim", dim)):
+    sources.check_int(name, n)
+  sources.check_int("n_synthetic", n_synthetic, minimum=0)
+  sources.check_int("num_classes", num_classes, minimum=2)
+  sources.check_int("duplicate_sources", duplicate_sources)
+  for name, v in (("separation", separation), ("duplicate_jitter", duplicate_jitter), ("noise_scale", noise_scale)):
+    sources.check_float(name, v)
+  sources.check_float("shift", shift, maximum=1.0)
+  fractions = sources.check_fractions("tiers", DEFAULT_MIXTURE_TIERS if tiers is None else tiers, MIXTURE_TIERS[1:])
+  for name, n in (("n_real", n_real), ("n_val", n_val), ("n_test", n_test)):
+    if n < num_classes:
+      raise ValueError(f"{name}={n} is smaller than num_classes={num_classes}; expected every class present")
+
+  rng = np.random.default_rng(seed)
+  directions = rng.normal(size=(num_classes, dim))
+  means = separation * directions / np.linalg.norm(directions, axis=1, keepdims=True)  # (C, D)
+
+  def clean(n: int) -> tuple[np.ndarray, np.ndarray]:
+    y = rng.permutation(np.arange(n) % num_classes)  # balanced classes in random order
+    return means[y] + rng.normal(size=(n, dim)), y
+
+  real_x, real_y = clean(n_real)
+  val_x, val_y = clean(n_val)
+  test_x, test_y = clean(n_test)
+
+  counts = sources.tier_counts(list(fractions.values()), n_synthetic)
+  tier = np.repeat(np.arange(len(MIXTURE_TIERS)), np.concatenate([[n_synthetic - counts.sum()], counts]))
+  syn_x, syn_y = clean(n_synthetic)
+  other = (syn_y + rng.integers(1, num_classes, n_synthetic)) % num_classes  # a class != y, uniform
+
+  flip = tier == MIXTURE_TIERS.index("label_noise")
+  syn_y = np.where(flip, other, syn_y)
+  moved = tier == MIXTURE_TIERS.index("feature_shift")
+  syn_x[moved] += shift * (means[other[moved]] - means[syn_y[moved]])
+  dup = np.flatnonzero(tier == MIXTURE_TIERS.index("near_duplicate"))
+  if dup.size:
+    src = dup[np.arange(dup.size) % min(duplicate_sources, dup.size)]  # the first rows' clean points as prototypes
+    syn_x[dup] = syn_x[src] + duplicate_jitter * rng.normal(size=(dup.size, dim))
+    syn_y[dup] = syn_y[src]
+  noise = tier == MIXTURE_TIERS.index("pure_noise")
+  syn_x[noise] = noise_scale * rng.normal(size=(int(noise.sum()), dim))
+  syn_y[noise] = rng.integers(0, num_classes, int(noise.sum()))
+
+  order = rng.permutation(n_synthetic)
+  train_x = np.concatenate([real_x, syn_x[order]])
+  train_y = np.concatenate([real_y, syn_y[order]])
+  train_tier = np.concatenate([np.zeros(n_real, int), tier[order]])
+  # Source rows: one generated pool ordered real, synthetic, val, test.
+  n_train = n_real + n_synthetic
+  train_src = np.concatenate([np.arange(n_real), n_real + order])
+  val_src = n_train + np.arange(n_val)
+  test_src = n_train + n_val + np.arange(n_test)
+  return sources.from_arrays(
+      (train_x, train_y, train_tier, train_src),
+      (val_x, val_y, None, val_src),
+      (test_x, test_y, None, test_src),
+      name="mixture",
+      num_classes=num_classes,
+      feature_names=tuple(f"x{i}" for i in range(dim)),
+      tier_names=MIXTURE_TIERS,
+      class_names=tuple(f"class{c}" for c in range(num_classes)),
+  )
+
+
+def digits_synthetic(
+    *,
+    seed: int = 0,
+    n_real: int = 400,
+    n_synthetic: int = 1000,
+    n_val: int = 200,
+    n_test: int = 400,
+    tiers: Mapping[str, float] | None = None,
+    noise_std: tuple[float, float] = (0.2, 0.6),
+    blur_sigma: tuple[float, float] = (0.8, 1.6),
+    max_shift: int = 2,
+    flatten: bool = False,
+) -> Dataset:
+  """scikit-learn's 8x8 digits: real train digits plus synthetic digits corrupted at random strengths.
+
+  Val, test, the real train part and the pool the synthetic part is made from are disjoint sets of
+  real digits (stratified by class); synthetic samples cycle through that pool, so a pool image may be
+  used more than once. `tiers` maps a corruption to its fraction of the synthetic part (the rest are
+  unchanged pool digits, tier 0); default `DEFAULT_DIGITS_TIERS`. The corruptions, each with a strength
+  drawn uniformly per sample:
+    pixel_noise  add N(0, s^2) per pixel, s in `noise_std`, then clip to [0, 1];
+    blur         Gaussian blur with sigma in `blur_sigma`;
+    shift        translate by 1..`max_shift` pixels along each axis (zero fill);
+    label_flip   the label is replaced by another class, image unchanged.
+  x is float32 in [0, 1], (N, 8, 8, 1), or (N, 64) with `flatten=True`; `source_index` is the row in
+  `sklearn.datasets.load_digits()` the sample (or its clean original) came from. Train is the real
+  rows followed by the synthetic rows.
+  """
+  sources.check_seed(seed)
+  for name, n in (("n_real", n_real), ("n_val", n_val), ("n_test", n_test), ("max_shift", max_shift)):
+    sources.check_int(name, n)
+  sources.check_int("n_synthetic", n_synthetic, minimum=0)
+  sources.check_range("noise_std", noise_std)
+  sources.check_range("blur_sigma", blur_sigma, minimum=1e-3)
+  if not isinstance(flatten, bool):
+    raise ValueError(f"flatten must be True or False, got {flatten!r}")
+  fractions = sources.check_fractions("tiers", DEFAULT_DIGITS_TIERS if tiers is None else tiers, DIGITS_TIERS[1:])
+  digits = sklearn.datasets.load_digits()
+  images = (digits.images / 16.0).astype(np.float32)  # (1797, 8, 8) in [0, 1]
+  labels = digits.target.astype(np.int32)
+
+  rng = np.random.default_rng(seed)
+  sizes = [n_real, n_val, n_test] + ([None] if n_synthetic else [])  # None: all digits left, the synthetic pool
+  names = ["n_real", "n_val", "n_test", "the synthetic part's source pool"]
+  real, val, test, *rest = sources.stratified_subsets(labels, sizes, rng, names=names)
+  pool = rest[0] if rest else np.empty(0, int)
+  counts = sources.tier_counts(list(fractions.values()), n_synthetic)
+  tier = np.repeat(np.arange(len(DIGITS_TIERS)), np.concatenate([[n_synthetic - counts.sum()], counts]))
+  tier = rng.permutation(tier)
+  src = rng.permutation(pool)[np.arange(n_synthetic) % len(pool)] if n_synthetic else np.empty(0, int)
+  syn_x = images[src]
+  syn_y = labels[src]
+
+  noisy = tier == DIGITS_TIERS.index("pixel_noise")
+  syn_x[noisy] = _pixel_noise(syn_x[noisy], rng.uniform(*noise_std, int(noisy.sum())), rng)
+  blurred = tier == DIGITS_TIERS.index("blur")
+  syn_x[blurred] = _blur(syn_x[blurred], rng.uniform(*blur_sigma, int(blurred.sum())))
+  moved = tier == DIGITS_TIERS.index("shift")
+  steps = rng.integers(1, max_shift + 1, (int(moved.sum()), 2)) * rng.choice([-1, 1], (int(moved.sum()), 2))
+  syn_x[moved] = _translate(syn_x[moved], steps)
+  flip = tier == DIGITS_TIERS.index("label_flip")
+  syn_y[flip] = (syn_y[flip] + rng.integers(1, 10, int(flip.sum()))) % 10
+
+  def shaped(x: np.ndarray) -> np.ndarray:
+    return x.reshape(len(x), -1) if flatten else x[..., None]
+
+  real = rng.permutation(real)
+  return sources.from_arrays(
+      (
+          shaped(np.concatenate([images[real], syn_x])),
+          np.concatenate([labels[real], syn_y]),
+          np.concatenate([np.zeros(len(real), int), tier]),
+          np.concatenate([real, src]),
+      ),
+      (shaped(images[val]), labels[val], None, val),
+      (shaped(images[test]), labels[test], None, test),
+      name="digits-synthetic",
+      num_classes=10,
+      feature_names=tuple(f"pixel_{r}_{c}" for r in range(8) for c in range(8)),
+      tier_names=DIGITS_TIERS,
+      class_names=tuple(str(c) for c in range(10)),
+  )
+
+
+def _pixel_noise(images: np.ndarray, std: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """Add per-image Gaussian pixel noise of std `std` (N,) to images (N, H, W), clipped to [0, 1]."""
+  return np.clip(images + std[:, None, None] * rng.normal(size=images.shape), 0.0, 1.0)
+
+
+def _blur(images: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+  """Separable Gaussian blur of images (N, H, W) with per-image width `sigma` (N,), renormalised at borders."""
+  h = images.shape[1]
+  d = np.arange(h)[:, None] - np.arange(h)[None, :]  # (H, H)
+  kernel = np.exp(-0.5 * (d[None] / sigma[:, None, None]) ** 2)  # (N, H, H)
+  kernel /= kernel.sum(axis=2, keepdims=True)
+  return np.einsum("nij,njk,nlk->nil", kernel, images, kernel)
+
+
+def _translate(images: np.ndarray, steps: np.ndarray) -> np.ndarray:
+  """Shift images (N, H, W) by integer `steps` (N, 2) rows/columns, filling with zeros."""
+  n, h, w = images.shape
+  rows = np.arange(h)[None, :] - steps[:, :1]  # (N, H) source row of each output row
+  cols = np.arange(w)[None, :] - steps[:, 1:]  # (N, W)
+  inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+  out = images[np.arange(n)[:, None, None], np.clip(rows, 0, h - 1)[:, :, None], np.clip(cols, 0, w - 1)[:, None, :]]
+  return np.where(inside, out, 0.0).astype(images.dtype)

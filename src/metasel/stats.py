@@ -1,0 +1,52 @@
+"""Summaries across seeds: mean with a Student-t confidence interval, and AUC of a score."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import scipy.stats
+from sklearn.metrics import roc_auc_score
+
+__all__ = ["Interval", "mean_ci", "auc"]
+
+
+class Interval(NamedTuple):
+  """Mean of `n` values with the half-width of its confidence interval (mean +- half_width)."""
+
+  mean: float
+  half_width: float
+  n: int
+
+  def __str__(self) -> str:
+    return f"{self.mean:.4f} +- {self.half_width:.4f} (n={self.n})"
+
+
+def mean_ci(values, level: float = 0.95) -> Interval:
+  """Mean and Student-t confidence interval of independent values (e.g. one per seed).
+
+  With a single value the half-width is NaN: one seed says nothing about spread.
+  """
+  values = np.asarray(values, dtype=np.float64).ravel()
+  if values.size == 0:
+    raise ValueError("mean_ci needs at least one value, got none")
+  if not 0 < level < 1:
+    raise ValueError(f"level must lie in (0, 1), got {level!r}")
+  n = values.size
+  if n == 1:
+    return Interval(float(values[0]), float("nan"), 1)
+  sem = values.std(ddof=1) / np.sqrt(n)
+  return Interval(float(values.mean()), float(scipy.stats.t.ppf(0.5 + level / 2, n - 1) * sem), n)
+
+
+def auc(scores, positive) -> float:
+  """Area under the ROC curve of `scores` (N,) for the boolean labels `positive` (N,).
+
+  0.5 means the score carries no information; below 0.5 means low scores mark the positives.
+  NaN when only one class is present.
+  """
+  scores = np.asarray(scores, dtype=np.float64)
+  positive = np.asarray(positive, dtype=bool)
+  if positive.all() or not positive.any():
+    return float("nan")
+  return float(roc_auc_score(positive, scores))

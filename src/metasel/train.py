@@ -1,0 +1,337 @@
+"""One training loop for every data-selection method.
+
+A method is a small record of pure functions over its own state (`Method`), in the optax manner:
+it gives each batch's per-sample weights and, optionally, the sampling distribution over the pool.
+One epoch is one compiled program: a `lax.scan` over its steps, each step drawing its batch on
+device, weighting the per-sample losses, taking an optax step and updating the method's state and a
+per-sample signal tracker. The Python side only logs metrics, shows progress and stops on a NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+
+from metasel import persample, signals
+from metasel.data import Dataset, sampling
+from metasel.models import init_params
+
+__all__ = [
+    "Batch",
+    "StepContext",
+    "Method",
+    "uniform",
+    "weight_diagnostics",
+    "LoopState",
+    "TrainConfig",
+    "make_optimizer",
+    "loss_fn_for",
+    "make_epoch",
+    "evaluate",
+    "fit",
+    "FitResult",
+    "progress_enabled",
+]
+
+
+class Batch(NamedTuple):
+  """A training batch: pool indices (B,), inputs (B, ...), targets (B,)."""
+
+  indices: jax.Array
+  x: jax.Array
+  y: jax.Array
+
+
+class StepContext(NamedTuple):
+  """What a method may look at in one step: model params, the batch, a clean validation batch, a key."""
+
+  params: Any
+  batch: Batch
+  val_x: jax.Array
+  val_y: jax.Array
+  key: jax.Array
+
+
+class Method(NamedTuple):
+  """A data-selection method as pure functions over its state.
+
+  Attributes:
+    init: `(key, num_train) -> state`.
+    weights: `(state, ctx) -> (B,)` non-negative per-sample weights summing to one.
+    update: `(state, ctx, per_sample_losses) -> state`, called after the model step.
+    probs: optional `state -> (N,)` sampling distribution over the training pool; when absent the
+      loop walks the pool in uniformly shuffled epochs.
+    name: label used in logs.
+  """
+
+  init: Callable[[jax.Array, int], Any]
+  weights: Callable[[Any, StepContext], jax.Array]
+  update: Callable[[Any, StepContext, jax.Array], Any]
+  probs: Callable[[Any], jax.Array] | None = None
+  name: str = "method"
+
+
+def uniform() -> Method:
+  """Every sample of a batch weighted 1/B, batches drawn as shuffled epochs: plain training."""
+
+  def weights(state, ctx):
+    del state
+    size = ctx.batch.y.shape[0]
+    return jnp.full((size,), 1.0 / size, jnp.float32)
+
+  return Method(
+      init=lambda key, num_train: (),
+      weights=weights,
+      update=lambda state, ctx, losses: state,
+      name="uniform",
+  )
+
+
+def weight_diagnostics(weights: jax.Array) -> dict[str, jax.Array]:
+  """Effective batch size 1/sum p_i^2, max p_i and Var(p_i) of normalised weights p (B,)."""
+  return {
+      "effective_batch_size": 1.0 / jnp.sum(jnp.square(weights)),
+      "max_weight": jnp.max(weights),
+      "weight_var": jnp.var(weights),
+  }
+
+
+class LoopState(NamedTuple):
+  """Everything that changes during training, carried through the compiled epoch."""
+
+  params: Any
+  opt_state: Any
+  method_state: Any
+  tracker: signals.TrackerState
+  step: jax.Array
+  key: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Settings of one training run.
+
+  Attributes:
+    epochs: passes over the training pool (an epoch is `len(train) // batch_size` steps).
+    batch_size: samples per step.
+    val_batch_size: clean validation samples a method sees per step.
+    optimizer: "sgd", "momentum" or "adam".
+    learning_rate: the optimizer's step size.
+    seed: seeds parameters, batch order and the method.
+  """
+
+  epochs: int = 10
+  batch_size: int = 64
+  val_batch_size: int = 64
+  optimizer: str = "adam"
+  learning_rate: float = 1e-3
+  seed: int = 0
+
+  def check(self, dataset: Dataset) -> None:
+    """Raise a clear ValueError for settings this dataset cannot support, before any compute."""
+    for name in ("epochs", "batch_size", "val_batch_size"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if self.batch_size > len(dataset.train):
+      raise ValueError(
+          f"batch_size={self.batch_size} is larger than the training split ({len(dataset.train)} samples);"
+          " expected at most the split size"
+      )
+    if self.val_batch_size > len(dataset.val):
+      raise ValueError(
+          f"val_batch_size={self.val_batch_size} is larger than the validation split"
+          f" ({len(dataset.val)} samples); expected at most the split size"
+      )
+    if not self.learning_rate > 0:
+      raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
+    make_optimizer(self.optimizer, self.learning_rate)
+
+
+def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
+  """The optax optimizer called `name` ("sgd", "momentum" or "adam")."""
+  makers = {
+      "sgd": lambda lr: optax.sgd(lr),
+      "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
+      "adam": lambda lr: optax.adam(lr),
+  }
+  if name not in makers:
+    raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(makers)}")
+  return makers[name](learning_rate)
+
+
+def loss_fn_for(dataset: Dataset) -> persample.LossFn:
+  """Cross-entropy for classification datasets, squared error for regression."""
+  return persample.squared_error if dataset.task == "regression" else persample.softmax_cross_entropy
+
+
+def _check_finite(dataset: Dataset) -> None:
+  for split_name in ("train", "val", "test"):
+    split = getattr(dataset, split_name)
+    bad = ~np.isfinite(np.asarray(split.x, dtype=np.float64))
+    if bad.any():
+      row = int(np.argwhere(bad)[0][0])
+      raise ValueError(
+          f"{split_name} features contain NaN or inf ({int(bad.sum())} values, first in row {row});"
+          " expected finite numbers"
+      )
+
+
+def make_epoch(
+    model: nn.Module,
+    loss_fn: persample.LossFn,
+    tx: optax.GradientTransformation,
+    method: Method,
+    val_batch_size: int,
+):
+  """Build `epoch(state, data, batch_indices) -> (state, metrics)`: one `lax.scan` over steps.
+
+  `data` is `(train_x, train_y, val_x, val_y)`; `batch_indices` (S, B) are the uniform epoch's
+  batches (ignored when the method samples from its own `probs`); each step shows the method
+  `val_batch_size` validation rows drawn without replacement. Metrics are stacked over steps.
+  Jit the result once per run, donating the state.
+  """
+
+  def step(carry: tuple[LoopState, tuple], batch_indices: jax.Array):
+    state, (train_x, train_y, val_x, val_y) = carry
+    key, batch_key, val_key, method_key = jax.random.split(state.key, 4)
+    if method.probs is not None:
+      batch_indices = sampling.weighted_batches(
+          batch_key, method.probs(state.method_state), batch_indices.shape[0], 1
+      )[0]
+    batch = Batch(batch_indices, train_x[batch_indices], train_y[batch_indices])
+    val_rows = jax.random.choice(val_key, val_x.shape[0], (val_batch_size,), replace=False)
+    ctx = StepContext(state.params, batch, val_x[val_rows], val_y[val_rows], method_key)
+    weights = method.weights(state.method_state, ctx)
+
+    def weighted_loss(params):
+      outputs, _ = model.apply({"params": params}, batch.x)
+      per_sample = loss_fn(outputs, batch.y)
+      return jnp.sum(weights * per_sample), (per_sample, outputs)
+
+    (loss, (per_sample, outputs)), grads = jax.value_and_grad(weighted_loss, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    logits, labels = (outputs, batch.y) if jnp.issubdtype(batch.y.dtype, jnp.integer) else (None, None)
+    tracker = signals.tracker_update(state.tracker, batch.indices, per_sample, logits, labels)
+    method_state = method.update(state.method_state, ctx, per_sample)
+    metrics = {
+        "loss": loss,
+        "mean_loss": jnp.mean(per_sample),
+        "grad_norm": optax.global_norm(grads),
+        "update_norm": optax.global_norm(updates),
+        **weight_diagnostics(weights),
+    }
+    new_state = LoopState(params, opt_state, method_state, tracker, state.step + 1, key)
+    return (new_state, carry[1]), metrics
+
+  def epoch(state: LoopState, data: tuple, batch_indices: jax.Array):
+    (state, _), metrics = jax.lax.scan(step, (state, data), batch_indices)
+    return state, metrics
+
+  return epoch
+
+
+def evaluate(model: nn.Module, loss_fn: persample.LossFn, params, x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
+  """Mean loss and (for integer targets) accuracy of `params` on all of (x, y)."""
+  outputs, _ = model.apply({"params": params}, x)
+  result = {"loss": jnp.mean(loss_fn(outputs, y))}
+  if jnp.issubdtype(y.dtype, jnp.integer):
+    result["accuracy"] = jnp.mean(jnp.argmax(outputs, axis=-1) == y)
+  return result
+
+
+def progress_enabled() -> bool:
+  """Show progress bars on a terminal, never in CI or when output is redirected."""
+  return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+class FitResult(NamedTuple):
+  """The final loop state and the per-epoch evaluation history."""
+
+  state: LoopState
+  history: list[dict[str, Any]]
+
+
+def fit(
+    model: nn.Module,
+    dataset: Dataset,
+    config: TrainConfig,
+    method: Method | None = None,
+    *,
+    log: Callable[[dict[str, Any]], None] | None = None,
+    log_every: int = 1,
+) -> FitResult:
+  """Train `model` on `dataset` with `method` (uniform by default); returns the state and history.
+
+  Each epoch is one compiled scan. After every epoch the validation and test loss (and accuracy) are
+  evaluated and passed to `log` together with the mean of the step metrics; per-step metrics are
+  passed every `log_every` steps. A non-finite loss stops training with a FloatingPointError after
+  everything up to that epoch has been logged.
+  """
+  method = method or uniform()
+  config.check(dataset)
+  _check_finite(dataset)
+  if log_every < 1:
+    raise ValueError(f"log_every must be a positive integer, got {log_every!r}")
+  loss_fn = loss_fn_for(dataset)
+  tx = make_optimizer(config.optimizer, config.learning_rate)
+
+  key = jax.random.key(config.seed)
+  init_key, method_key, loop_key, order_key = jax.random.split(key, 4)
+  params = init_params(model, init_key, dataset.input_shape)
+  num_train = len(dataset.train)
+  state = LoopState(
+      params=params,
+      opt_state=tx.init(params),
+      method_state=method.init(method_key, num_train),
+      tracker=signals.tracker_init(num_train),
+      step=jnp.zeros((), jnp.int32),
+      key=loop_key,
+  )
+  # The state is donated to each epoch; give every leaf its own buffer, since inits may share one.
+  state = jax.tree.map(jnp.copy, state)
+  data = tuple(
+      jnp.asarray(a)
+      for a in (dataset.train.x, dataset.train.y, dataset.val.x, dataset.val.y)
+  )
+  epoch_fn = jax.jit(make_epoch(model, loss_fn, tx, method, config.val_batch_size), donate_argnums=0)
+  eval_fn = jax.jit(lambda p, x, y: evaluate(model, loss_fn, p, x, y))
+  splits = {name: (jnp.asarray(getattr(dataset, name).x), jnp.asarray(getattr(dataset, name).y)) for name in ("val", "test")}
+
+  history = []
+  epoch_keys = jax.random.split(order_key, config.epochs)
+  bar = tqdm.trange(config.epochs, desc=method.name, disable=not progress_enabled(), leave=False)
+  for epoch in bar:
+    batches = sampling.epoch_batches(epoch_keys[epoch], num_train, config.batch_size)
+    state, step_metrics = epoch_fn(state, data, batches)
+    step_metrics = jax.device_get(step_metrics)
+    record = {"epoch": epoch + 1, "step": int(state.step)}
+    record.update({f"train/{k}": float(np.mean(v)) for k, v in step_metrics.items()})
+    for name, (x, y) in splits.items():
+      record.update({f"{name}/{k}": float(v) for k, v in eval_fn(state.params, x, y).items()})
+    if log is not None:
+      first_step = int(state.step) - len(batches)
+      for i in range(0, len(batches), log_every):
+        log({"step": first_step + i + 1, **{f"step/{k}": float(v[i]) for k, v in step_metrics.items()}})
+      log(record)
+    history.append(record)
+    bar.set_postfix(loss=f"{record['train/mean_loss']:.3f}")
+    if not np.all(np.isfinite(step_metrics["loss"])):
+      bad = int(np.argmin(np.isfinite(step_metrics["loss"])))
+      raise FloatingPointError(
+          f"training loss became non-finite at step {int(state.step) - len(batches) + bad + 1}"
+          f" (epoch {epoch + 1}); metrics up to this epoch were logged. Lower the learning rate or check the data."
+      )
+  return FitResult(state, history)
+

@@ -1,0 +1,138 @@
+"""The shared training loop: it learns, logs, samples from a method's probabilities, and stops on NaN."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metasel import models, runs, train
+from metasel.data import Dataset, Split
+
+
+def _blobs(seed: int = 0, n: int = 256, dim: int = 5) -> Dataset:
+  """Two well separated Gaussian classes; half the train labels of tier 1 are flipped."""
+  rng = np.random.default_rng(seed)
+
+  def split(size):
+    y = rng.integers(0, 2, size).astype(np.int32)
+    x = (rng.normal(size=(size, dim)) + 2.0 * (2 * y[:, None] - 1)).astype(np.float32)
+    return Split(x, y, np.zeros(size, np.int32))
+
+  tr = split(n)
+  tier = (np.arange(n) % 8 == 0).astype(np.int32)
+  y = np.where(tier == 1, 1 - tr.y, tr.y).astype(np.int32)
+  return Dataset(
+      "blobs", Split(tr.x, y, tier), split(64), split(64), 2, tuple(f"f{i}" for i in range(dim)), ("clean", "flipped")
+  )
+
+
+CONFIG = train.TrainConfig(epochs=4, batch_size=32, val_batch_size=16, learning_rate=1e-2, seed=0)
+MODEL = models.MLP((16,), num_outputs=2)
+
+
+def test_uniform_training_learns_and_logs(tmp_path):
+  log = runs.MetricsLog(tmp_path / "metrics.jsonl")
+  result = train.fit(MODEL, _blobs(), CONFIG, log=log.write)
+  first, last = result.history[0], result.history[-1]
+  assert last["test/accuracy"] > 0.9  # separable blobs; chance is 0.5
+  assert last["train/mean_loss"] < first["train/mean_loss"]
+  assert int(result.state.step) == CONFIG.epochs * (256 // 32)
+  lines = log.read()
+  assert [r["epoch"] for r in lines if "epoch" in r] == [1, 2, 3, 4]
+  assert len([r for r in lines if "step/loss" in r]) == CONFIG.epochs * 8
+  step_line = next(r for r in lines if "step/loss" in r)
+  assert step_line["step/effective_batch_size"] == pytest.approx(32.0)  # uniform weights
+  assert step_line["step/max_weight"] == pytest.approx(1 / 32)
+
+
+def test_tracker_sees_every_sample_once_per_epoch():
+  result = train.fit(MODEL, _blobs(), CONFIG)
+  counts = np.asarray(result.state.tracker.count)
+  np.testing.assert_array_equal(counts, np.full(256, CONFIG.epochs))
+
+
+def test_same_seed_same_numbers_other_seed_differs():
+  a = train.fit(MODEL, _blobs(), CONFIG).history[-1]
+  b = train.fit(MODEL, _blobs(), CONFIG).history[-1]
+  c = train.fit(MODEL, _blobs(), dataclasses.replace(CONFIG, seed=1)).history[-1]
+  assert a == b
+  assert a["train/mean_loss"] != c["train/mean_loss"]
+
+
+def _only_first_half() -> train.Method:
+  """A sampler that puts all probability on the first half of the pool."""
+
+  def probs(state):
+    return state
+
+  return train.Method(
+      init=lambda key, n: jnp.where(jnp.arange(n) < n // 2, 2.0 / n, 0.0),
+      weights=lambda state, ctx: jnp.full(ctx.batch.y.shape, 1.0 / ctx.batch.y.shape[0]),
+      update=lambda state, ctx, losses: state,
+      probs=probs,
+      name="first-half",
+  )
+
+
+def test_method_probabilities_drive_sampling():
+  result = train.fit(MODEL, _blobs(), CONFIG, method=_only_first_half())
+  counts = np.asarray(result.state.tracker.count)
+  assert counts[128:].sum() == 0
+  assert counts[:128].sum() == CONFIG.epochs * 8 * 32
+
+
+def test_epoch_jit_equals_eager():
+  dataset = _blobs()
+  tx = train.make_optimizer("sgd", 0.1)
+  epoch = train.make_epoch(MODEL, train.loss_fn_for(dataset), tx, train.uniform(), 16)
+  params = models.init_params(MODEL, jax.random.key(0), dataset.input_shape)
+  from metasel import signals
+
+  state = train.LoopState(params, tx.init(params), (), signals.tracker_init(256), jnp.zeros((), jnp.int32), jax.random.key(1))
+  data = tuple(jnp.asarray(a) for a in (dataset.train.x, dataset.train.y, dataset.val.x, dataset.val.y))
+  batches = jnp.arange(96).reshape(3, 32)
+  jitted_state, jitted_metrics = jax.jit(epoch)(state, data, batches)
+  with jax.disable_jit():
+    eager_state, eager_metrics = epoch(state, data, batches)
+  for a, b in zip(jax.tree.leaves((jitted_state.params, jitted_metrics)), jax.tree.leaves((eager_state.params, eager_metrics))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_nan_stops_training_with_clear_error(tmp_path):
+  nan_weights = train.Method(
+      init=lambda key, n: (),
+      weights=lambda state, ctx: jnp.full(ctx.batch.y.shape, jnp.nan),
+      update=lambda state, ctx, losses: state,
+  )
+  log = runs.MetricsLog(tmp_path / "metrics.jsonl")
+  with pytest.raises(FloatingPointError, match="non-finite at step 1 .epoch 1."):
+    train.fit(MODEL, _blobs(), CONFIG, method=nan_weights, log=log.write)
+  assert any(r.get("epoch") == 1 for r in log.read())  # what ran is still on disk
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"batch_size": 1000}, "batch_size=1000 is larger than the training split .256 samples."),
+        ({"val_batch_size": 65}, "val_batch_size=65 is larger than the validation split"),
+        ({"epochs": 0}, "epochs must be a positive integer, got 0"),
+        ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'"),
+        ({"learning_rate": -1.0}, "learning_rate must be positive, got -1.0"),
+    ],
+)
+def test_bad_settings_fail_before_compute(change, message):
+  with pytest.raises(ValueError, match=message):
+    train.fit(MODEL, _blobs(), dataclasses.replace(CONFIG, **change))
+
+
+def test_non_finite_features_fail_before_compute():
+  dataset = _blobs()
+  x = dataset.train.x.copy()
+  x[3, 1] = np.inf
+  bad = dataclasses.replace(dataset, train=dataclasses.replace(dataset.train, x=x))
+  with pytest.raises(ValueError, match="train features contain NaN or inf .1 values, first in row 3."):
+    train.fit(MODEL, bad, CONFIG)
