@@ -63,6 +63,11 @@ def check(config: Config) -> None:
   dataset = data.load(config.dataset, seed=config.seeds[0], **config.dataset_options)
   if dataset.task != "classification":
     raise ValueError(f"signals-report needs a classification dataset, got regression data {config.dataset!r}")
+  if np.all(dataset.train.tier == data.CLEAN_TIER):
+    raise ValueError(
+        f"signals-report scores signals against known corruption, but {config.dataset!r} has only clean"
+        " training samples; expected a dataset with quality tiers such as mixture or digits-synthetic"
+    )
   config.train.check(dataset)
 
 
@@ -125,10 +130,16 @@ def run_seed(config: Config, seed: int, log) -> dict[str, Any]:
       for t, name in enumerate(dataset.tier_names)
       if np.any(tier == t)
   }
+  tier_auc = {
+      name: {k: stats.auc(v[(tier == t) | ~corrupt], tier[(tier == t) | ~corrupt] == t) for k, v in values.items()}
+      for t, name in enumerate(dataset.tier_names)
+      if t != data.CLEAN_TIER and np.any(tier == t)
+  }
   return {
       "seed": seed,
       "final": fit.history[-1],
       "auc": {k: stats.auc(v, corrupt) for k, v in values.items()},
+      "tier_auc": tier_auc,
       "per_tier_mean": per_tier,
       "values": values,
       "tier": tier,
@@ -140,9 +151,13 @@ def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
   """Mean and 95% interval over seeds of every signal's AUC and of the final test metrics."""
   names = list(per_seed[0]["auc"])
   auc = {k: stats.mean_ci([r["auc"][k] for r in per_seed])._asdict() for k in names}
+  tier_auc = {
+      tier: {k: stats.mean_ci([r["tier_auc"][tier][k] for r in per_seed])._asdict() for k in names}
+      for tier in per_seed[0]["tier_auc"]
+  }
   final_keys = [k for k in per_seed[0]["final"] if k.startswith("test/") or k.startswith("val/")]
   final = {k: stats.mean_ci([r["final"][k] for r in per_seed])._asdict() for k in final_keys}
-  return {"auc": auc, "final": final, "seeds": [r["seed"] for r in per_seed]}
+  return {"auc": auc, "tier_auc": tier_auc, "final": final, "seeds": [r["seed"] for r in per_seed]}
 
 
 def format_table(summary: dict[str, Any], per_seed: list[dict[str, Any]]) -> str:
@@ -157,6 +172,12 @@ def format_table(summary: dict[str, Any], per_seed: list[dict[str, Any]]) -> str
     )
     a = summary["auc"][name]
     lines.append(f"{name:<30}{cells}{a['mean']:>11.3f} +- {a['half_width']:.3f}")
+  lines.append("")
+  for tier, aucs in summary["tier_auc"].items():
+    best = max(aucs, key=lambda k: abs(aucs[k]["mean"] - 0.5))
+    lines.append(
+        f"best signal for {tier} vs clean: {best} (AUC {aucs[best]['mean']:.3f} +- {aucs[best]['half_width']:.3f})"
+    )
   for key, value in summary["final"].items():
     lines.append(f"{key}: {value['mean']:.4f} +- {value['half_width']:.4f} over {value['n']} seeds")
   return "\n".join(lines)

@@ -40,7 +40,8 @@ def _configure(module, args) -> object:
   if args.seeds:
     changes["seeds"] = tuple(args.seeds)
   if args.dataset:
-    changes["dataset"] = args.dataset
+    # Dataset options belong to the default dataset; another dataset starts from its own defaults.
+    changes.update(dataset=args.dataset, dataset_options={})
   for key in changes:
     if not hasattr(config, key):
       raise ValueError(f"experiment {args.name!r} has no setting {key!r}")
