@@ -102,6 +102,16 @@ def _check_embeddings(emb, name: str = "embeddings") -> None:
   _check_rank(emb, 2, name, "(batch, dim)")
 
 
+def _check_labelled_reference(embeddings, labels, ref_embeddings, ref_labels) -> None:
+  """Shapes of labelled samples (N, D), (N,) against a labelled reference set (M, D), (M,)."""
+  _check_embeddings(embeddings)
+  _check_embeddings(ref_embeddings, "ref_embeddings")
+  _check_rank(labels, 1, "labels", "(batch,)")
+  _check_rank(ref_labels, 1, "ref_labels", "(batch,)")
+  _check_same_batch(embeddings, labels, "embeddings", "labels")
+  _check_same_batch(ref_embeddings, ref_labels, "ref_embeddings", "ref_labels")
+
+
 def _check_k(k: int, available: int, what: str) -> None:
   if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= available:
     raise ValueError(f"k must be an integer in [1, {available}] ({what}), got {k!r}")
@@ -311,12 +321,7 @@ def cosine_to_class_centre(
   Returns:
     (N,) cosines in [-1, 1].
   """
-  _check_embeddings(embeddings)
-  _check_embeddings(ref_embeddings, "ref_embeddings")
-  _check_rank(labels, 1, "labels", "(batch,)")
-  _check_rank(ref_labels, 1, "ref_labels", "(batch,)")
-  _check_same_batch(embeddings, labels, "embeddings", "labels")
-  _check_same_batch(ref_embeddings, ref_labels, "ref_embeddings", "ref_labels")
+  _check_labelled_reference(embeddings, labels, ref_embeddings, ref_labels)
   _check_int_range(labels, num_classes, "labels", "class indices")
   _check_int_range(ref_labels, num_classes, "ref_labels", "class indices")
   _class_counts_check(labels, ref_labels, num_classes)
@@ -396,12 +401,7 @@ def knn_label_agreement(
   Returns:
     (N,) agreements in [0, 1].
   """
-  _check_embeddings(embeddings)
-  _check_embeddings(ref_embeddings, "ref_embeddings")
-  _check_rank(labels, 1, "labels", "(batch,)")
-  _check_rank(ref_labels, 1, "ref_labels", "(batch,)")
-  _check_same_batch(embeddings, labels, "embeddings", "labels")
-  _check_same_batch(ref_embeddings, ref_labels, "ref_embeddings", "ref_labels")
+  _check_labelled_reference(embeddings, labels, ref_embeddings, ref_labels)
   _check_k(k, jnp.shape(ref_embeddings)[0], "reference samples")
   _check_block_size(block_size)
   sims, idx = _topk_cosine(embeddings, ref_embeddings, k, block_size, exclude_self=False)

@@ -206,6 +206,14 @@ def _from_texts(name, texts, y, rows, parts, *, max_features, class_names) -> Da
   )
 
 
+def _labelled_texts(name, raw, texts, rows, label_map, sizes, seed, max_features) -> Dataset:
+  """Encode raw labels, draw stratified splits of `sizes` (train, val, test) and featurise the kept texts."""
+  y, kept, class_names = encode_labels(raw, label_map)
+  parts = _subsets(y, *sizes, seed)
+  kept_texts = [texts[i] for i in kept]
+  return _from_texts(name, kept_texts, y, rows[kept], parts, max_features=max_features, class_names=class_names)
+
+
 def load_table(
     path: str | os.PathLike,
     *,
@@ -233,11 +241,8 @@ def load_table(
     raise ValueError(f"delimiter must be ',' or '\\t', got {delimiter!r}")
   raw, texts, rows = read_table(path, delimiter=delimiter, label_column=label_column, text_columns=text_columns,
                                 header=header)
-  y, kept, class_names = encode_labels(raw, label_map)
-  parts = _subsets(y, n_train, n_val, n_test, seed)
   name = f"{'csv' if delimiter == ',' else 'tsv'}:{path}"
-  kept_texts = [texts[i] for i in kept]
-  return _from_texts(name, kept_texts, y, rows[kept], parts, max_features=max_features, class_names=class_names)
+  return _labelled_texts(name, raw, texts, rows, label_map, (n_train, n_val, n_test), seed, max_features)
 
 
 def load_lines(
@@ -254,11 +259,7 @@ def load_lines(
   sources.check_seed(seed)
   _check_common(n_train, n_val, n_test, max_features)
   raw, texts, rows = read_lines(path)
-  y, kept, class_names = encode_labels(raw, label_map)
-  parts = _subsets(y, n_train, n_val, n_test, seed)
-  kept_texts = [texts[i] for i in kept]
-  return _from_texts(f"lines:{path}", kept_texts, y, rows[kept], parts, max_features=max_features,
-                     class_names=class_names)
+  return _labelled_texts(f"lines:{path}", raw, texts, rows, label_map, (n_train, n_val, n_test), seed, max_features)
 
 
 def load_tfds(
