@@ -3,8 +3,8 @@
     python benchmarks/persample.py [--batch 128] [--rounds 7]
 
 Prints one JSON object. Top-level keys describe the MLP 2000-128-128-4 at the given batch; the
-"cnn" entry holds the same keys for the small CNN on 28x28x1 images (its convolutions take the
-chunked vmap path, its dense layers the ghost path). Every time is the median over interleaved
+"cnn" entry holds the same keys for the small CNN on 28x28x1 images (`GhostConv` layers: the
+ghost path over image patches). Every time is the median over interleaved
 rounds of the jitted, compiled function; ratios divide times taken in this same run.
 """
 

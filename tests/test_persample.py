@@ -15,8 +15,17 @@ from metasel import models, persample
 BATCH = 6
 
 
+class NativeConvNet(nn.Module):
+  """Flax's own convolution (not a ghost layer) under a `GhostDense` head: the mixed path."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Conv(3, (3, 3))(x)).reshape((x.shape[0], -1))
+    return models.GhostDense(3)(h), h
+
+
 def _setups():
-  """(name, model, params, x, y, loss_fn) for a classifier MLP, a CNN, and a regression MLP."""
+  """(name, model, params, x, y, loss_fn) for an MLP, a CNN, a mixed net and a regression MLP."""
   k = jax.random.split(jax.random.key(0), 6)
   mlp = models.MLP((16, 8), num_outputs=3)
   x_mlp = jax.random.normal(k[0], (BATCH, 10))
@@ -29,6 +38,8 @@ def _setups():
   return [
       ("mlp", mlp, models.init_params(mlp, k[4], (10,)), x_mlp, y_cls, persample.softmax_cross_entropy),
       ("cnn", cnn, models.init_params(cnn, k[5], (8, 8, 1)), x_cnn, y_cls, persample.softmax_cross_entropy),
+      ("mixed", NativeConvNet(), models.init_params(NativeConvNet(), k[5], (8, 8, 1)), x_cnn, y_cls,
+       persample.softmax_cross_entropy),
       ("regression", reg, models.init_params(reg, k[4], (1,)), x_reg, y_reg, persample.squared_error),
   ]
 
@@ -104,7 +115,7 @@ def test_grad_dots_match_loop(setup, method, maybe_jit):
   _close(fn(params, x, y, ref), flats @ ref_flat)
 
 
-@pytest.mark.parametrize("setup", SETUPS[:2], ids=IDS[:2])
+@pytest.mark.parametrize("setup", SETUPS[:3], ids=IDS[:3])
 def test_ghost_and_vmap_paths_agree(setup):
   _, model, params, x, y, loss_fn = setup
   ghost = persample.grad_norms(model, params, x, y, loss_fn, method="ghost")
@@ -163,6 +174,33 @@ def test_shared_dense_layer_is_rejected():
     persample.record(model, params, jnp.ones((2, 4)), jnp.zeros(2, jnp.int32), persample.softmax_cross_entropy)
 
 
-def test_ghost_dense_rejects_non_matrix_input():
-  with pytest.raises(ValueError, match=r"shape \(batch, features\), got shape \(2, 3, 4\)"):
-    models.GhostDense(3).init(jax.random.key(0), jnp.ones((2, 3, 4)))
+def test_ghost_dense_rejects_input_without_batch_axis():
+  with pytest.raises(ValueError, match=r"shape \(batch, ..., features\), got shape \(3,\)"):
+    models.GhostDense(3).init(jax.random.key(0), jnp.ones((3,)))
+
+
+def test_ghost_conv_equals_flax_conv_and_its_patches_match_the_kernel_matrix():
+  x = jax.random.normal(jax.random.key(0), (2, 7, 7, 3))
+  conv = nn.Conv(5, (3, 3))
+  params = conv.init(jax.random.key(1), x)["params"]
+  expected = conv.apply({"params": params}, x)
+  ghost = models.GhostConv(5)
+  np.testing.assert_allclose(ghost.apply({"params": params}, x), expected, atol=1e-5)
+  _, recorded = ghost.apply({"params": params}, x, mutable=[models.GHOST_INPUTS])
+  (patches,) = recorded[models.GHOST_INPUTS]["inputs"]  # (2, 7, 7, 27)
+  as_dense = patches @ models.kernel_as_matrix(params["kernel"]) + params["bias"]
+  np.testing.assert_allclose(as_dense, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,kernel,padding", [((2, 7, 7, 3), (3, 3), "SAME"), ((2, 6, 5, 2), (2, 4), "SAME"), ((1, 6, 5, 2), (3, 2), "VALID")])
+def test_image_patches_match_lax(shape, kernel, padding):
+  x = jax.random.normal(jax.random.key(0), shape)
+  expected = jax.lax.conv_general_dilated_patches(x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_array_equal(models.image_patches(x, kernel, padding), expected)
+
+
+def test_cnn_takes_the_ghost_path_for_every_layer():
+  _, model, params, x, y, loss_fn = SETUPS[1]
+  tape = persample.record(model, params, x, y, loss_fn)
+  assert len(tape.inputs) == len(jax.tree.leaves(params)) // 2  # kernel and bias of each layer
+  assert tape.inputs[("GhostConv_0",)].shape == (BATCH, 8, 8, 9)

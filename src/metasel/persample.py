@@ -12,9 +12,10 @@ Two paths compute the same numbers:
 
       ||grad_i W||^2 = ||a_i||^2 ||d_i||^2,        <grad_i W, G> = a_i^T G d_i,
 
-  and the bias gradient is d_i. One forward pass and one backward pass to the layer outputs give
-  every dense layer's share without forming a (B x P) tensor. Layers that are not `GhostDense`
-  (convolutions) fall back to the chunked `vmap` path for their parameters only.
+  and the bias gradient is d_i. A layer applied at several positions t (a convolution over its
+  patches) sums a_{i,t} d_{i,t}^T over t. One forward pass and one backward pass to the layer outputs
+  give every `GhostDense` / `GhostConv` layer's share without forming a (B x P) tensor. Parameters of
+  any other layer fall back to the chunked `vmap` path, for those parameters only.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from metasel.models import GHOST_INPUTS, GHOST_OUTPUTS
+from metasel.models import GHOST_INPUTS, GHOST_OUTPUTS, kernel_as_matrix
 
 __all__ = [
     "LossFn",
@@ -204,26 +205,45 @@ def _tree_sq_norm(tree) -> jax.Array:
   return sum(jnp.vdot(leaf, leaf) for leaf in jax.tree.leaves(tree))
 
 
+def _positions(tape: GhostTape, path: Path) -> tuple[jax.Array, jax.Array]:
+  """A layer's inputs (B, T, in) and output gradients (B, T, out), positions T flattened (1 for dense)."""
+  a, d = tape.inputs[path], tape.output_grads[path]
+  batch = a.shape[0]
+  return a.reshape(batch, -1, a.shape[-1]), d.reshape(batch, -1, d.shape[-1])
+
+
+def _kernel_sq_norms(a: jax.Array, d: jax.Array) -> jax.Array:
+  """||sum_t a_t d_t^T||_F^2 per sample (B,) for a (B, T, in), d (B, T, out).
+
+  Through the Gram identity sum_{t,s} <a_t, a_s><d_t, d_s> when T^2 <= in * out (always for a plain
+  dense layer, T = 1), else by forming each sample's (in, out) layer gradient: whichever is smaller.
+  """
+  positions, fan_in, fan_out = a.shape[1], a.shape[2], d.shape[2]
+  if positions * positions <= fan_in * fan_out:
+    return jnp.sum(jnp.einsum("bti,bsi->bts", a, a) * jnp.einsum("bto,bso->bts", d, d), axis=(1, 2))
+  return jnp.sum(jnp.square(jnp.einsum("bti,bto->bio", a, d)), axis=(1, 2))
+
+
 def _ghost_sq_norms(tape: GhostTape, ghost_params: dict) -> jax.Array:
-  """Sum over ghost layers of ||a_i||^2 ||d_i||^2 (kernel) + ||d_i||^2 (bias), shape (B,)."""
+  """Sum over ghost layers of each sample's squared kernel and bias gradient norms, shape (B,)."""
   total = jnp.zeros_like(tape.losses)
-  for path, a in tape.inputs.items():
-    d_sq = jnp.sum(jnp.square(tape.output_grads[path]), axis=-1)  # (B,)
-    total = total + jnp.sum(jnp.square(a), axis=-1) * d_sq
+  for path in tape.inputs:
+    a, d = _positions(tape, path)
+    total = total + _kernel_sq_norms(a, d)
     if path + ("bias",) in ghost_params:
-      total = total + d_sq
+      total = total + jnp.sum(jnp.square(jnp.sum(d, axis=1)), axis=-1)
   return total
 
 
 def _ghost_dots(tape: GhostTape, ref_flat: dict) -> jax.Array:
-  """Sum over ghost layers of a_i^T G d_i (kernel) + <d_i, g_b> (bias), shape (B,)."""
+  """Sum over ghost layers of sum_t a_t^T G d_t (kernel) + <sum_t d_t, g_b> (bias), shape (B,)."""
   total = jnp.zeros_like(tape.losses)
-  for path, a in tape.inputs.items():
-    d = tape.output_grads[path]  # (B, out)
-    total = total + jnp.sum((a @ ref_flat[path + ("kernel",)]) * d, axis=-1)
+  for path in tape.inputs:
+    a, d = _positions(tape, path)
+    total = total + jnp.sum((a @ kernel_as_matrix(ref_flat[path + ("kernel",)])) * d, axis=(1, 2))
     bias = ref_flat.get(path + ("bias",))
     if bias is not None:
-      total = total + d @ bias
+      total = total + jnp.sum(d, axis=1) @ bias
   return total
 
 
