@@ -64,3 +64,17 @@ def test_notebook_runs(notebook, monkeypatch):
 def test_console_script_is_installed():
   out = subprocess.run([sys.executable, "-m", "metasel.cli", "list"], capture_output=True, text=True, check=True)
   assert "signals-report" in out.stdout.split()
+
+
+@pytest.mark.slow
+def test_signals_report_default_run_supports_the_readme(tmp_path):
+  """The README's results section, from the full default run (about 20 s on 2 cores)."""
+  module = metasel_experiments.get("signals-report")
+  summary = module.run(module.get_config(), tmp_path)
+  auc = {k: v["mean"] for k, v in summary["auc"].items()}
+  assert auc["cos_class_centre"] < 0.3 and auc["knn_agreement"] < 0.3  # position features: best overall
+  assert auc["dyn/loss_mean"] > auc["loss"] + 0.05  # dynamics beat the end-of-training loss
+  tiers = summary["tier_auc"]
+  assert tiers["near_duplicate"]["redundancy_max_cosine"]["mean"] > 0.95
+  assert tiers["pure_noise"]["embedding_norm"]["mean"] > 0.95
+  assert tiers["near_duplicate"]["loss"]["mean"] < 0.5  # loss points the wrong way on near-duplicates

@@ -136,3 +136,20 @@ def test_non_finite_features_fail_before_compute():
   bad = dataclasses.replace(dataset, train=dataclasses.replace(dataset.train, x=x))
   with pytest.raises(ValueError, match="train features contain NaN or inf .1 values, first in row 3."):
     train.fit(MODEL, bad, CONFIG)
+
+
+def test_resumed_run_ends_with_the_same_numbers(tmp_path):
+  dataset = _blobs()
+  uninterrupted = train.fit(MODEL, dataset, CONFIG)
+  train.fit(MODEL, dataset, dataclasses.replace(CONFIG, epochs=2), checkpoint_dir=tmp_path / "ckpt")
+  resumed = train.fit(MODEL, dataset, CONFIG, checkpoint_dir=tmp_path / "ckpt")
+  assert resumed.history == uninterrupted.history
+  for a, b in zip(jax.tree.leaves(resumed.state.params), jax.tree.leaves(uninterrupted.state.params)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(resumed.state.tracker.count, uninterrupted.state.tracker.count)
+
+
+def test_checkpoint_of_other_settings_is_refused(tmp_path):
+  train.fit(MODEL, _blobs(), dataclasses.replace(CONFIG, epochs=1), checkpoint_dir=tmp_path)
+  with pytest.raises(ValueError, match="expected the same settings"):
+    train.fit(MODEL, _blobs(), dataclasses.replace(CONFIG, learning_rate=0.5), checkpoint_dir=tmp_path)

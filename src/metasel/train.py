@@ -13,6 +13,7 @@ import dataclasses
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import tqdm
 
 from metasel import persample, signals
@@ -263,6 +265,44 @@ class FitResult(NamedTuple):
   history: list[dict[str, Any]]
 
 
+class _Checkpoints:
+  """Orbax checkpoints of the loop state and history after each epoch, for resuming a run."""
+
+  def __init__(self, directory: str | os.PathLike, config: TrainConfig):
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+    self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    # Everything but the epoch count must match for a checkpoint to continue this run.
+    self.settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "epochs"}
+
+  @staticmethod
+  def _saveable(state: LoopState) -> LoopState:
+    return state._replace(key=jax.random.key_data(state.key))
+
+  def restore(self, state: LoopState) -> tuple[LoopState, list[dict[str, Any]]] | None:
+    """The latest saved (state, history), or None when there is none yet."""
+    epoch = self.manager.latest_step()
+    if epoch is None:
+      return None
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, self._saveable(state))
+    restored = self.manager.restore(
+        epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+    )
+    if restored.meta["settings"] != self.settings:
+      raise ValueError(
+          f"checkpoint in {self.manager.directory} was made with settings {restored.meta['settings']},"
+          f" not {self.settings}; expected the same settings (only epochs may change) or a new folder"
+      )
+    state = restored.state._replace(key=jax.random.wrap_key_data(restored.state.key))
+    return state, restored.meta["history"]
+
+  def save(self, epoch: int, state: LoopState, history: list[dict[str, Any]]) -> None:
+    meta = {"settings": self.settings, "history": history}
+    self.manager.save(
+        epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(self._saveable(state)), meta=ocp.args.JsonSave(meta))
+    )
+    self.manager.wait_until_finished()  # the next epoch donates these buffers
+
+
 def fit(
     model: nn.Module,
     dataset: Dataset,
@@ -271,6 +311,7 @@ def fit(
     *,
     log: Callable[[dict[str, Any]], None] | None = None,
     log_every: int = 1,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> FitResult:
   """Train `model` on `dataset` with `method` (uniform by default); returns the state and history.
 
@@ -278,6 +319,9 @@ def fit(
   evaluated and passed to `log` together with the mean of the step metrics; per-step metrics are
   passed every `log_every` steps. A non-finite loss stops training with a FloatingPointError after
   everything up to that epoch has been logged.
+
+  With `checkpoint_dir`, the state and history are saved there after every epoch, and a run that
+  finds a checkpoint continues from it: it ends with the same numbers as an uninterrupted run.
   """
   method = method or uniform()
   config.check(dataset)
@@ -310,10 +354,15 @@ def fit(
   splits = {name: (jnp.asarray(getattr(dataset, name).x), jnp.asarray(getattr(dataset, name).y)) for name in ("val", "test")}
 
   history = []
-  epoch_keys = jax.random.split(order_key, config.epochs)
-  bar = tqdm.trange(config.epochs, desc=method.name, disable=not progress_enabled(), leave=False)
+  checkpoints = None if checkpoint_dir is None else _Checkpoints(checkpoint_dir, config)
+  if checkpoints is not None and (restored := checkpoints.restore(state)) is not None:
+    state, history = restored
+  bar = tqdm.trange(
+      len(history), config.epochs, initial=len(history), total=config.epochs,
+      desc=method.name, disable=not progress_enabled(), leave=False,
+  )
   for epoch in bar:
-    batches = sampling.epoch_batches(epoch_keys[epoch], num_train, config.batch_size)
+    batches = sampling.epoch_batches(jax.random.fold_in(order_key, epoch), num_train, config.batch_size)
     state, step_metrics = epoch_fn(state, data, batches)
     step_metrics = jax.device_get(step_metrics)
     record = {"epoch": epoch + 1, "step": int(state.step)}
@@ -333,5 +382,7 @@ def fit(
           f"training loss became non-finite at step {int(state.step) - len(batches) + bad + 1}"
           f" (epoch {epoch + 1}); metrics up to this epoch were logged. Lower the learning rate or check the data."
       )
+    if checkpoints is not None:
+      checkpoints.save(epoch + 1, state, history)
   return FitResult(state, history)
 
