@@ -343,6 +343,13 @@ def test_text_loaders_reject_bad_columns_sizes_and_maps(tmp_path):
     data.load(f"csv:{path}", max_features=0)
 
 
+def test_named_column_of_a_headerless_file_is_rejected(tmp_path):
+  path = tmp_path / "plain.csv"
+  path.write_text("".join(f'{i % 2},"text number {i}"\n' for i in range(20)))
+  with pytest.raises(ValueError, match="label_column='label' names a column but .* is read without a header"):
+    data.load(f"csv:{path}", label_column="label")
+
+
 # ---------------------------------------------------------------------------------------------- sampling
 
 
