@@ -10,6 +10,7 @@ per-sample signal tracker. The Python side only logs metrics, shows progress and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -204,8 +205,8 @@ def make_epoch(
   Jit the result once per run, donating the state.
   """
 
-  def step(carry: tuple[LoopState, tuple], batch_indices: jax.Array):
-    state, (train_x, train_y, val_x, val_y) = carry
+  def step(data: tuple, state: LoopState, batch_indices: jax.Array):
+    train_x, train_y, val_x, val_y = data
     key, batch_key, val_key, method_key = jax.random.split(state.key, 4)
     if method.probs is not None:
       batch_indices = sampling.weighted_batches(
@@ -234,12 +235,10 @@ def make_epoch(
         "update_norm": optax.global_norm(updates),
         **weight_diagnostics(weights),
     }
-    new_state = LoopState(params, opt_state, method_state, tracker, state.step + 1, key)
-    return (new_state, carry[1]), metrics
+    return LoopState(params, opt_state, method_state, tracker, state.step + 1, key), metrics
 
   def epoch(state: LoopState, data: tuple, batch_indices: jax.Array):
-    (state, _), metrics = jax.lax.scan(step, (state, data), batch_indices)
-    return state, metrics
+    return jax.lax.scan(functools.partial(step, data), state, batch_indices)
 
   return epoch
 
