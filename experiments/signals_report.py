@@ -3,7 +3,7 @@
 Command:   metasel run signals-report             (about a minute on a 2-core CPU)
 Quick:     metasel run signals-report --quick     (seconds; used by the tests)
 
-An MLP is trained with plain uniform batches on a generated mixture (clean real data plus synthetic data
+An MLP (or a CNN, for images) is trained with plain uniform batches on a generated mixture (clean real data plus synthetic data
 of known quality tiers) while a tracker records each sample's training dynamics. At the end every signal
 of `metasel.signals` and `metasel.persample` is computed for the whole training pool, and each is scored by
 its AUC against the true clean/corrupt tier (0.5: no information; above 0.5: high values mark corrupt
@@ -36,6 +36,7 @@ class Config:
 
   dataset: str = "mixture"
   dataset_options: dict = dataclasses.field(default_factory=dict)
+  model: str = "mlp"  # "mlp", or "cnn" for image datasets such as digits-synthetic
   hidden: tuple[int, ...] = (128, 128)
   train: train.TrainConfig = train.TrainConfig(epochs=15, batch_size=64, learning_rate=1e-3)
   seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -56,6 +57,12 @@ def get_config(quick: bool = False) -> Config:
   )
 
 
+MODELS = {
+    "mlp": lambda config, num_outputs: models.MLP(config.hidden, num_outputs=num_outputs),
+    "cnn": lambda config, num_outputs: models.CNN(hidden=config.hidden, num_outputs=num_outputs),
+}
+
+
 def check(config: Config) -> None:
   """Raise a clear error for a configuration that cannot run, before any training or writing."""
   if not config.seeds:
@@ -67,6 +74,13 @@ def check(config: Config) -> None:
     raise ValueError(
         f"signals-report scores signals against known corruption, but {config.dataset!r} has only clean"
         " training samples; expected a dataset with quality tiers such as mixture or digits-synthetic"
+    )
+  if config.model not in MODELS:
+    raise ValueError(f"unknown model {config.model!r}; expected one of {sorted(MODELS)}")
+  if config.model == "cnn" and len(dataset.input_shape) != 3:
+    raise ValueError(
+        f"model 'cnn' needs images of shape (height, width, channels), but {config.dataset!r} has samples of"
+        f" shape {dataset.input_shape}; use model 'mlp'"
     )
   config.train.check(dataset)
 
@@ -119,7 +133,7 @@ def pool_signals(
 def run_seed(config: Config, seed: int, log) -> dict[str, Any]:
   """Train one seed and score every signal against the true tiers."""
   dataset = data.load(config.dataset, seed=seed, **config.dataset_options)
-  model = models.MLP(config.hidden, num_outputs=max(dataset.num_classes, 1))
+  model = MODELS[config.model](config, dataset.num_classes)
   train_config = dataclasses.replace(config.train, seed=seed)
   fit = train.fit(model, dataset, train_config, log=lambda r: log({"seed": seed, **r}))
   values = pool_signals(model, fit.state.params, fit.state.tracker, dataset, config)

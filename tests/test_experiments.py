@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import runpy
@@ -39,12 +40,25 @@ def test_signals_report_finds_the_corrupted_samples(tmp_path):
   assert all(0.0 <= a <= 1.0 for a in aucs.values())
 
 
+def test_signals_report_with_a_cnn_on_digits(tmp_path):
+  module = metasel_experiments.get("signals-report")
+  config = dataclasses.replace(module.get_config(quick=True), dataset="digits-synthetic", model="cnn", seeds=(0,))
+  module.check(config)
+  summary = module.run(config, tmp_path)
+  assert summary["tier_auc"]["label_flip"]["loss"]["mean"] > 0.7  # flipped labels have high loss
+
+
 def test_bad_input_is_reported_before_anything_is_written(tmp_path, capsys):
   assert cli.main(["run", "signals-report", "--quick", "--dataset", "nope", "--out", str(tmp_path)]) == 2
   assert "nope" in capsys.readouterr().err
   assert not any(tmp_path.iterdir())
   assert cli.main(["run", "no-such-experiment", "--out", str(tmp_path)]) == 2
   assert "unknown experiment 'no-such-experiment'" in capsys.readouterr().err
+  assert cli.main(["run", "signals-report", "--quick", "--model", "cnn", "--out", str(tmp_path)]) == 2
+  assert "model 'cnn' needs images" in capsys.readouterr().err
+  assert cli.main(["run", "signals-report", "--quick", "--dataset", "sine", "--out", str(tmp_path)]) == 2
+  assert "needs a classification dataset" in capsys.readouterr().err
+  assert not any(tmp_path.iterdir())
 
 
 def test_existing_run_folder_is_kept(tmp_path, capsys):

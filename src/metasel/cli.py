@@ -25,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
   run.add_argument("--quick", action="store_true", help="tiny setting (seconds), same code path")
   run.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the experiment's)")
   run.add_argument("--dataset", help="dataset spec, e.g. mixture, digits-synthetic, csv:PATH")
+  run.add_argument("--model", help="model, e.g. mlp or cnn (experiments that train one)")
   run.add_argument("--out", default="results", help="results root folder (default: results)")
   run.add_argument("--run-id", help="name of the run folder (default: a timestamp); never overwritten")
   report = sub.add_parser("report", help="print the summary table of a run folder")
@@ -42,6 +43,8 @@ def _configure(module, args) -> object:
   if args.dataset:
     # Dataset options belong to the default dataset; another dataset starts from its own defaults.
     changes.update(dataset=args.dataset, dataset_options={})
+  if args.model:
+    changes["model"] = args.model
   for key in changes:
     if not hasattr(config, key):
       raise ValueError(f"experiment {args.name!r} has no setting {key!r}")
