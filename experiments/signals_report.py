@@ -1,10 +1,10 @@
 """Per-sample signal report: how well does each signal tell corrupted training samples from clean ones?
 
-Command:   metasel run signals-report             (about a minute on a 2-core CPU)
+Command:   metasel run signals-report             (about 20 seconds on a 2-core CPU)
 Quick:     metasel run signals-report --quick     (seconds; used by the tests)
 
-An MLP (or a CNN, for images) is trained with plain uniform batches on a generated mixture (clean real data plus synthetic data
-of known quality tiers) while a tracker records each sample's training dynamics. At the end every signal
+An MLP (or a CNN, for images) is trained with plain uniform batches on a generated mixture (clean real
+data plus synthetic data of known quality tiers) while a tracker records each sample's training dynamics. At the end every signal
 of `metasel.signals` and `metasel.persample` is computed for the whole training pool, and each is scored by
 its AUC against the true clean/corrupt tier (0.5: no information; above 0.5: high values mark corrupt
 samples; below: low values do). Several seeds give a mean and a 95% interval per signal.

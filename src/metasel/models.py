@@ -4,7 +4,8 @@ Every model maps a batch `x` (B, ...) to `(outputs, embedding)`: outputs (B, num
 (or regression values) and embedding (B, D) is the penultimate representation.
 
 Dense layers are `GhostDense`, and convolutions `GhostConv` (a dense layer over image patches).
-They record their input in the `ghost_inputs` collection and add a zero perturbation from the `ghost_outputs` collection to their output. The gradient of the summed
+They record their input in the `ghost_inputs` collection and add a zero perturbation from the
+`ghost_outputs` collection to their output. The gradient of the summed
 loss with respect to that perturbation is each sample's loss-to-output gradient d_i, and with the
 recorded input a_i the per-sample kernel gradient is the outer product a_i d_i^T; so per-sample norms
 and dot products need no (B x P) tensor (the "ghost" identity, see `metasel.persample`).
@@ -18,7 +19,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["GHOST_INPUTS", "GHOST_OUTPUTS", "GhostDense", "GhostConv", "MLP", "CNN", "init_params", "kernel_as_matrix", "image_patches"]
+__all__ = [
+    "GHOST_INPUTS",
+    "GHOST_OUTPUTS",
+    "GhostDense",
+    "GhostConv",
+    "MLP",
+    "CNN",
+    "init_params",
+    "kernel_as_matrix",
+    "image_patches",
+]
 
 GHOST_INPUTS = "ghost_inputs"
 GHOST_OUTPUTS = "ghost_outputs"
@@ -74,8 +85,7 @@ class GhostConv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     if x.ndim != 4:
       raise ValueError(f"GhostConv expects images of shape (batch, height, width, channels), got {x.shape}")
-    if self.padding not in ("SAME", "VALID"):
-      raise ValueError(f"GhostConv padding must be 'SAME' or 'VALID', got {self.padding!r}")
+    _check_padding(self.padding)
     kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, x.shape[-1], self.features))
     numbers = ("NHWC", "HWIO", "NHWC")
     y = jax.lax.conv_general_dilated(x, kernel, (1, 1), self.padding, dimension_numbers=numbers)
@@ -86,14 +96,19 @@ class GhostConv(nn.Module):
     return self.perturb("outputs", y, collection=GHOST_OUTPUTS)
 
 
+def _check_padding(padding: str) -> None:
+  """Only stride-1 "SAME" and "VALID" convolutions have patches `image_patches` can build."""
+  if padding not in ("SAME", "VALID"):
+    raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}")
+
+
 def image_patches(x: jax.Array, kernel_size: tuple[int, int], padding: str) -> jax.Array:
   """Stride-1 patches (B, H', W', C * kh * kw) of images x (B, H, W, C), ordered (channel, row, column).
 
   Built from kh * kw shifted slices, a copy rather than the identity convolution of
   `lax.conv_general_dilated_patches`, which costs a full matrix product per layer on CPU.
   """
-  if padding not in ("SAME", "VALID"):
-    raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}")
+  _check_padding(padding)
   kh, kw = kernel_size
   if padding == "SAME":
     x = jnp.pad(x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)))

@@ -75,7 +75,8 @@ def read_table(
   `label_column` and `text_columns` are column names (needs a header) or int indexes; by default the
   label is the column named "label" if there is one, else column 0, and the text is every other
   column. `header="infer"` takes the first row as a header when it holds the named `label_column`,
-  or when some column is numeric in the following rows but not in the first. Row numbers count data rows from 0, header excluded.
+  or when some column is numeric in the following rows but not in the first. Row numbers count data
+  rows from 0, header excluded.
   """
   if header not in (True, False, "infer"):
     raise ValueError(f"header must be True, False or 'infer', got {header!r}")
@@ -84,8 +85,8 @@ def read_table(
   if not records:
     raise ValueError(f"{path} holds no rows; expected a header and/or data rows")
   if header == "infer":
-    named = [c for c in ([label_column] if isinstance(label_column, str) else []) if c in records[0]]
-    header = bool(named) or _looks_like_header(records)
+    names_label = isinstance(label_column, str) and label_column in records[0]
+    header = names_label or _looks_like_header(records)
   names = records[0] if header else []
   data = records[1:] if header else records
   width = len(records[0])
