@@ -6,6 +6,8 @@ Installed as the `metasel_experiments` package; run them with `metasel run NAME`
 import importlib
 
 REGISTRY = {
+    "gsnr-sweep": "metasel_experiments.gsnr_sweep",
+    "mts-benchmark": "metasel_experiments.mts_benchmark",
     "signals-report": "metasel_experiments.signals_report",
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -46,6 +47,11 @@ def _assert_same(a: data.Dataset, b: data.Dataset) -> None:
     sa, sb = getattr(a, split), getattr(b, split)
     for field in ("x", "y", "tier", "source_index"):
       np.testing.assert_array_equal(getattr(sa, field), getattr(sb, field), err_msg=f"{split}.{field}")
+
+
+def _assert_same_split(a: data.Split, b: data.Split) -> None:
+  for field in ("x", "y", "tier", "source_index", "groups"):
+    np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
 
 
 def _write(tmp_path: Path, name: str, content: str) -> Path:
@@ -145,6 +151,21 @@ def test_digits_synthetic_tiers_shapes_and_disjoint_sources():
   np.testing.assert_array_equal(flat.train.x, ds.train.x.reshape(-1, 64))
 
 
+@pytest.mark.parametrize("spec", ["mixture", "digits-synthetic"])
+def test_generated_mixtures_mark_real_and_synthetic_groups(spec):
+  ds = data.load(spec, seed=1, **SMALL[spec])
+  n_real, n_synthetic = SMALL[spec]["n_real"], SMALL[spec]["n_synthetic"]
+  assert ds.group_names == ("real", "synthetic")
+  assert ds.train.group.dtype == np.int32
+  np.testing.assert_array_equal(ds.train.groups, np.repeat([0, 1], [n_real, n_synthetic]))
+  assert ds.train.is_clean[ds.train.groups == data.REAL_GROUP].all()
+  for split in ("val", "test"):
+    assert (getattr(ds, split).groups == data.REAL_GROUP).all()
+  sine = data.load("sine", **SMALL["sine"])
+  assert sine.group_names == ("real",) and sine.train.group is None
+  assert sine.train.groups.dtype == np.int32 and not sine.train.groups.any()
+
+
 # ---------------------------------------------------------------------------------------------- text files
 
 
@@ -225,6 +246,99 @@ def test_stratified_subsets_are_disjoint_proportional_and_exact():
   assert sorted(y[tiny].tolist()) == [0, 1, 2]  # every class gets at least one row
 
 
+# ---------------------------------------------------------------------------------------------- corrupted mixtures
+
+
+def _clean_blobs(n_train=300, n_val=40, n_test=60, classes=3, dim=6, seed=0) -> data.Dataset:
+  """Clean Gaussian classes; source rows start at 1000 so that they differ from train row positions."""
+  rng = np.random.default_rng(seed)
+  means = 4.0 * rng.normal(size=(classes, dim))
+  n = n_train + n_val + n_test
+  y = np.arange(n) % classes
+  x = means[y] + rng.normal(size=(n, dim))
+  rows = 1000 + np.arange(n)
+  cuts = np.split(np.arange(n), [n_train, n_train + n_val])
+  return data.from_arrays(*[(x[c], y[c], None, rows[c]) for c in cuts], name="blobs")
+
+
+def test_corrupted_mixture_tiers_groups_and_sources():
+  real = _clean_blobs()
+  tiers = {"label_noise": 0.2, "feature_noise": 0.15, "near_duplicate": 0.1, "pure_noise": 0.15}
+  ds = synthetic.corrupted_mixture(real, n_real=60, n_synthetic=400, tiers=tiers, seed=2)
+  assert ds.name == "corrupted:blobs" and ds.tier_names == synthetic.CORRUPTED_TIERS
+  assert ds.group_names == ("real", "synthetic") and ds.num_classes == 3 and ds.input_shape == (6,)
+  assert [len(getattr(ds, s)) for s in SPLITS] == [460, 40, 60]
+  for split in ("val", "test"):
+    _assert_same_split(getattr(ds, split), getattr(real, split))
+  tr = ds.train
+  np.testing.assert_array_equal(tr.groups, np.repeat([0, 1], [60, 400]))
+  assert tr.is_clean[:60].all() and np.bincount(tr.y[:60]).tolist() == [20, 20, 20]  # stratified real rows
+  counts = np.bincount(tr.tier[60:], minlength=5)
+  for name, fraction in tiers.items():
+    assert counts[ds.tier_names.index(name)] == round(fraction * 400)
+  assert counts[0] == 400 - sum(round(f * 400) for f in tiers.values())
+
+  # source_index is the real train row in the real dataset's numbering; the synthetic part never uses a real row.
+  assert np.isin(tr.source_index, real.train.source_index).all()
+  assert np.intersect1d(tr.source_index[:60], tr.source_index[60:]).size == 0
+  assert len(np.unique(tr.source_index[60:])) > 200  # the 240 other rows, reused cyclically
+  row = tr.source_index - 1000
+  src_x, src_y = real.train.x[row], real.train.y[row]
+  np.testing.assert_array_equal(tr.x[:60], src_x[:60])
+  tier = tr.tier
+  same = (tr.x == src_x).all(1)
+  gap = (np.abs(tr.x - src_x) / real.train.x.std(0)).max(1)  # in units of each column's train std
+  assert same[tier == 0].all() and (tr.y == src_y)[tier == 0].all()
+  assert same[tier == 1].all() and (tr.y != src_y)[tier == 1].all()
+  assert np.median(gap[tier == 2]) > 3 and (tr.y == src_y)[tier == 2].all()
+  assert 0 < gap[tier == 3].min() and gap[tier == 3].max() < 0.05 and (tr.y == src_y)[tier == 3].all()
+  assert len(np.unique(tr.source_index[tier == 3])) <= synthetic.CORRUPTED_DUPLICATE_SOURCES
+  pool = real.train.x[np.setdiff1d(np.arange(300), row[:60])]
+  noise = tr.x[tier == 4]
+  assert all(np.isin(noise[:, j], pool[:, j]).all() for j in range(6))  # each column permuted from the pool
+  assert not (noise[:, None] == pool[None]).all(-1).any()  # but no row survives whole
+
+  _assert_same(ds, synthetic.corrupted_mixture(real, n_real=60, n_synthetic=400, tiers=tiers, seed=2))
+  other = synthetic.corrupted_mixture(real, n_real=60, n_synthetic=400, tiers=tiers, seed=3)
+  assert not np.array_equal(ds.train.x, other.train.x)
+  default = np.bincount(synthetic.corrupted_mixture(real, n_real=30, n_synthetic=200).train.tier[30:], minlength=5)
+  assert default[0] == 100 and default[1:].tolist() == [40, 20, 20, 20]
+
+
+def test_corrupted_mixture_of_a_generated_mixture_uses_its_clean_real_rows():
+  # n_real and n_synthetic go to corrupted_mixture, so the inner mixture keeps its defaults (400 real rows).
+  mix = data.load("mixture", seed=0, n_val=40, n_test=40, dim=8)
+  ds = data.load("corrupted:mixture", seed=0, n_real=40, n_synthetic=800, n_val=40, n_test=40, dim=8)
+  assert [len(getattr(ds, s)) for s in SPLITS] == [840, 40, 40] and ds.input_shape == (8,)
+  assert np.isin(ds.train.source_index, mix.train.source_index[:400]).all()  # only mixture's real rows
+  assert len(np.unique(ds.train.source_index[40:])) > 300
+
+
+def test_load_corrupted_csv_routes_options(tmp_path):
+  path = _tiny_csv(tmp_path)
+  options = {"n_train": 36, "n_val": 9, "n_test": 15, "max_features": 8}
+  ds = data.load(f"corrupted:csv:{path}", seed=1, n_real=12, n_synthetic=50, **options)
+  inner = data.load(f"csv:{path}", seed=1, **options)
+  assert ds.name == f"corrupted:csv:{path}" and ds.class_names == inner.class_names
+  assert ds.feature_names == inner.feature_names and ds.input_shape == (8,)
+  assert [len(getattr(ds, s)) for s in SPLITS] == [62, 9, 15]
+  _assert_same_split(ds.test, inner.test)
+  assert np.isin(ds.train.source_index, inner.train.source_index).all()
+  _assert_disjoint(ds)
+
+
+@needs_shared
+def test_load_corrupted_ag_news():
+  spec = f"corrupted:csv:{SHARED / 'ag_news/test.csv'}"
+  ds = data.load(spec, seed=0, n_real=100, n_synthetic=300, n_train=400, n_val=100, n_test=100, max_features=500)
+  assert ds.num_classes == 4 and ds.train.x.shape == (400, 500) and ds.tier_names == synthetic.CORRUPTED_TIERS
+  assert np.bincount(ds.train.groups).tolist() == [100, 300]
+  assert np.bincount(ds.train.tier[100:], minlength=5).tolist() == [150, 60, 30, 30, 30]
+  for split in SPLITS:
+    assert np.bincount(getattr(ds, split).y, minlength=4).min() > 0
+  _assert_disjoint(ds)
+
+
 # ---------------------------------------------------------------------------------------------- tfds
 
 
@@ -295,6 +409,26 @@ def test_from_arrays_rejects_bad_arrays(train, match):
     data.from_arrays(train(x, y), val, (x, y), num_classes=3)
 
 
+def test_from_arrays_carries_groups():
+  x, y = _xy()
+  group = np.arange(12) % 2
+  ds = data.from_arrays((x, y, None, None, group), (x, y), (x, y), group_names=("real", "synthetic"))
+  assert ds.group_names == ("real", "synthetic") and ds.train.group.dtype == np.int32
+  np.testing.assert_array_equal(ds.train.groups, group)
+  assert ds.val.group is None and not ds.val.groups.any()
+  again = data.from_arrays(ds.train, ds.val, ds.test, group_names=ds.group_names)
+  np.testing.assert_array_equal(again.train.group, group)
+  assert data.from_arrays((x, y), (x, y), (x, y)).group_names == ("real",)
+  with pytest.raises(ValueError, match=r"train group has values in \[0, 1\]; expected 0..0 \(group_names\)"):
+    data.from_arrays((x, y, None, None, group), (x, y), (x, y))
+  with pytest.raises(ValueError, match=r"val group has shape \(5,\)"):
+    data.from_arrays((x, y), (x, y, None, None, group[:5]), (x, y))
+  with pytest.raises(ValueError, match="group_names must start with 'real'"):
+    data.from_arrays((x, y), (x, y), (x, y), group_names=("synthetic",))
+  with pytest.raises(ValueError, match="split group has 5 entries but x has 12 rows"):
+    data.Split(x, y, np.zeros(12, np.int32), None, group[:5])
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 
@@ -348,6 +482,40 @@ def test_named_column_of_a_headerless_file_is_rejected(tmp_path):
   path.write_text("".join(f'{i % 2},"text number {i}"\n' for i in range(20)))
   with pytest.raises(ValueError, match="label_column='label' names a column but .* is read without a header"):
     data.load(f"csv:{path}", label_column="label")
+
+
+def test_corrupted_mixture_rejects_bad_input(tmp_path):
+  real = _clean_blobs(n_train=60)
+  sine = data.load("sine", **SMALL["sine"])
+  with pytest.raises(ValueError, match=r"needs a classification dataset; 'sine' is regression"):
+    synthetic.corrupted_mixture(sine, n_real=10, n_synthetic=10)
+  with pytest.raises(ValueError, match=r"needs a classification dataset; 'sine' is regression"):
+    data.load("corrupted:sine", n_real=10, n_synthetic=10, **SMALL["sine"])
+  with pytest.raises(ValueError, match=r"n_real=60 leaves none of the 60 clean real train rows of 'blobs'"):
+    synthetic.corrupted_mixture(real, n_real=60, n_synthetic=10)
+  with pytest.raises(ValueError, match=r"n_real would have no rows of class 2"):
+    synthetic.corrupted_mixture(real, n_real=2, n_synthetic=10)
+  with pytest.raises(ValueError, match=r"unknown tiers 'blur'; expected some of label_noise, feature_noise"):
+    synthetic.corrupted_mixture(real, n_real=10, n_synthetic=10, tiers={"blur": 0.1})
+  with pytest.raises(ValueError, match="n_synthetic must be an integer >= 1, got 0"):
+    synthetic.corrupted_mixture(real, n_real=10, n_synthetic=0)
+  with pytest.raises(ValueError, match="real must be a Dataset"):
+    synthetic.corrupted_mixture(real.train, n_real=10, n_synthetic=10)
+  mix = data.load("mixture", **SMALL["mixture"])
+  with pytest.raises(ValueError, match="val split holds 400 corrupted or synthetic samples"):
+    synthetic.corrupted_mixture(dataclasses.replace(mix, val=mix.train), n_real=10, n_synthetic=10)
+
+  path = _tiny_csv(tmp_path)
+  with pytest.raises(ValueError, match=r"unknown option\(s\) 'noise' for 'csv:.*accepted: label_column"):
+    data.load(f"corrupted:csv:{path}", n_real=10, n_synthetic=10, noise=0.5)
+  with pytest.raises(ValueError, match=r"n_real=30 leaves none of the 30 clean real train rows"):
+    data.load(f"corrupted:csv:{path}", n_real=30, n_synthetic=10, n_train=30)
+  with pytest.raises(ValueError, match="n_real must be an integer >= 1, got None"):
+    data.load(f"corrupted:csv:{path}", n_synthetic=10)
+  with pytest.raises(ValueError, match=r"unknown dataset spec 'cifar'; known specs: .*corrupted:SPEC"):
+    data.load("corrupted:cifar", n_real=10, n_synthetic=10)
+  with pytest.raises(ValueError, match=r"'corrupted:' names no dataset to corrupt"):
+    data.load("corrupted:", n_real=10, n_synthetic=10)
 
 
 # ---------------------------------------------------------------------------------------------- sampling

@@ -71,8 +71,8 @@ def _only_first_half() -> train.Method:
 
   return train.Method(
       init=lambda key, n: jnp.where(jnp.arange(n) < n // 2, 2.0 / n, 0.0),
-      weights=lambda state, ctx: jnp.full(ctx.batch.y.shape, 1.0 / ctx.batch.y.shape[0]),
-      update=lambda state, ctx, losses: state,
+      weights=lambda state, ctx: (jnp.full(ctx.batch.y.shape, 1.0 / ctx.batch.y.shape[0]), state, {}),
+      update=lambda state, ctx, result: (state, {}),
       probs=probs,
       name="first-half",
   )
@@ -105,8 +105,8 @@ def test_epoch_jit_equals_eager():
 def test_nan_stops_training_with_clear_error(tmp_path):
   nan_weights = train.Method(
       init=lambda key, n: (),
-      weights=lambda state, ctx: jnp.full(ctx.batch.y.shape, jnp.nan),
-      update=lambda state, ctx, losses: state,
+      weights=lambda state, ctx: (jnp.full(ctx.batch.y.shape, jnp.nan), state, {}),
+      update=lambda state, ctx, result: (state, {}),
   )
   log = runs.MetricsLog(tmp_path / "metrics.jsonl")
   with pytest.raises(FloatingPointError, match="non-finite at step 1 .epoch 1."):

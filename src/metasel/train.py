@@ -32,6 +32,7 @@ from metasel.models import init_params
 __all__ = [
     "Batch",
     "StepContext",
+    "StepResult",
     "Method",
     "uniform",
     "weight_diagnostics",
@@ -48,21 +49,45 @@ __all__ = [
 
 
 class Batch(NamedTuple):
-  """A training batch: pool indices (B,), inputs (B, ...), targets (B,)."""
+  """A training batch: pool indices (B,), inputs (B, ...), targets (B,), real/synthetic groups (B,)."""
 
   indices: jax.Array
   x: jax.Array
   y: jax.Array
+  groups: jax.Array | None = None
 
 
 class StepContext(NamedTuple):
-  """What a method may look at in one step: model params, the batch, a clean validation batch, a key."""
+  """What a method may look at in one step: model params, the batch, a clean validation batch, a key.
+
+  The loop also fills in its own forward pass on the batch at `params` (per-sample `losses` (B,),
+  `outputs` (B, O) and `embeddings` (B, D)), so methods need not run the model again for them.
+  """
 
   params: Any
   batch: Batch
   val_x: jax.Array
   val_y: jax.Array
   key: jax.Array
+  losses: jax.Array | None = None
+  outputs: jax.Array | None = None
+  embeddings: jax.Array | None = None
+
+
+class StepResult(NamedTuple):
+  """What a method learns from the model's step.
+
+  Attributes:
+    losses: per-sample losses (B,) before the step.
+    params: the model's params after the step.
+    weight_vjp: `cotangent on params -> (B,)`: how the new params depend on each sample's weight, e.g.
+      with the gradient of a validation loss at `params` it gives d L_val(params) / d w_i exactly, for
+      the loop's own optimiser and its state.
+  """
+
+  losses: jax.Array
+  params: Any
+  weight_vjp: Callable[[Any], jax.Array]
 
 
 class Method(NamedTuple):
@@ -70,8 +95,11 @@ class Method(NamedTuple):
 
   Attributes:
     init: `(key, num_train) -> state`.
-    weights: `(state, ctx) -> (B,)` non-negative per-sample weights summing to one.
-    update: `(state, ctx, per_sample_losses) -> state`, called after the model step.
+    weights: `(state, ctx) -> (weights, state, metrics)`: non-negative per-sample weights (B,) summing
+      to one for the model's step, the state handed to `update` (it may carry what `update` needs from
+      this step), and a dict of scalar metrics to log (the same keys every step; may be empty).
+    update: `(state, ctx, step_result) -> (state, metrics)`, called after the model step with a
+      `StepResult`; returns the state in the structure `init` gives, and metrics as above.
     probs: optional `state -> (N,)` sampling distribution over the training pool; when absent the
       loop walks the pool in uniformly shuffled epochs.
     name: label used in logs.
@@ -84,20 +112,25 @@ class Method(NamedTuple):
   name: str = "method"
 
 
+def _uniform_weights(state, ctx):
+  size = ctx.batch.y.shape[0]
+  return jnp.full((size,), 1.0 / size, jnp.float32), state, {}
+
+
+_UNIFORM = Method(
+    init=lambda key, num_train: (),
+    weights=_uniform_weights,
+    update=lambda state, ctx, result: (state, {}),
+    name="uniform",
+)
+
+
 def uniform() -> Method:
-  """Every sample of a batch weighted 1/B, batches drawn as shuffled epochs: plain training."""
+  """Every sample of a batch weighted 1/B, batches drawn as shuffled epochs: plain training.
 
-  def weights(state, ctx):
-    del state
-    size = ctx.batch.y.shape[0]
-    return jnp.full((size,), 1.0 / size, jnp.float32)
-
-  return Method(
-      init=lambda key, num_train: (),
-      weights=weights,
-      update=lambda state, ctx, losses: state,
-      name="uniform",
-  )
+  Always the same record, so that runs with it share their compiled epochs.
+  """
+  return _UNIFORM
 
 
 def weight_diagnostics(weights: jax.Array) -> dict[str, jax.Array]:
@@ -166,7 +199,7 @@ def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformat
   makers = {
       "sgd": lambda lr: optax.sgd(lr),
       "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
-      "adam": lambda lr: optax.adam(lr),
+      "adam": lambda lr: optax.adam(lr, eps_root=1e-16),  # eps_root: finite derivatives through the step
   }
   if name not in makers:
     raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(makers)}")
@@ -199,41 +232,54 @@ def make_epoch(
 ):
   """Build `epoch(state, data, batch_indices) -> (state, metrics)`: one `lax.scan` over steps.
 
-  `data` is `(train_x, train_y, val_x, val_y)`; `batch_indices` (S, B) are the uniform epoch's
+  `data` is `(train_x, train_y, val_x, val_y)`, optionally followed by the training samples' groups
+  (N,) (`Split.groups`, shown to methods as `Batch.groups`); `batch_indices` (S, B) are the uniform epoch's
   batches (ignored when the method samples from its own `probs`); each step shows the method
   `val_batch_size` validation rows drawn without replacement. Metrics are stacked over steps.
   Jit the result once per run, donating the state.
   """
 
   def step(data: tuple, state: LoopState, batch_indices: jax.Array):
-    train_x, train_y, val_x, val_y = data
+    train_x, train_y, val_x, val_y, *groups = data
     key, batch_key, val_key, method_key = jax.random.split(state.key, 4)
     if method.probs is not None:
       batch_indices = sampling.weighted_batches(
           batch_key, method.probs(state.method_state), batch_indices.shape[0], 1
       )[0]
-    batch = Batch(batch_indices, train_x[batch_indices], train_y[batch_indices])
+    batch_groups = groups[0][batch_indices] if groups else None
+    batch = Batch(batch_indices, train_x[batch_indices], train_y[batch_indices], batch_groups)
     val_rows = jax.random.choice(val_key, val_x.shape[0], (val_batch_size,), replace=False)
-    ctx = StepContext(state.params, batch, val_x[val_rows], val_y[val_rows], method_key)
-    weights = method.weights(state.method_state, ctx)
+    def forward(params):
+      outputs, embeddings = model.apply({"params": params}, batch.x)
+      return loss_fn(outputs, batch.y), (outputs, embeddings)
 
-    def weighted_loss(params):
-      outputs, _ = model.apply({"params": params}, batch.x)
-      per_sample = loss_fn(outputs, batch.y)
-      return jnp.sum(weights * per_sample), (per_sample, outputs)
+    # One forward pass serves the method (losses, outputs, embeddings) and the weighted gradient.
+    per_sample, pullback, (outputs, embeddings) = jax.vjp(forward, state.params, has_aux=True)
+    ctx = StepContext(
+        state.params, batch, val_x[val_rows], val_y[val_rows], method_key, per_sample, outputs, embeddings
+    )
+    weights, method_state, weight_metrics = method.weights(state.method_state, ctx)
 
-    (loss, (per_sample, outputs)), grads = jax.value_and_grad(weighted_loss, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    def model_step(weights):
+      (grads,) = pullback(weights)  # gradient of sum_i w_i l_i
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      return optax.apply_updates(state.params, updates), (grads, updates, opt_state)
+
+    # The step's VJP costs nothing unless a method asks how the new params depend on the weights.
+    params, step_vjp, (grads, updates, opt_state) = jax.vjp(model_step, weights, has_aux=True)
+    loss = jnp.sum(weights * per_sample)
     logits, labels = (outputs, batch.y) if jnp.issubdtype(batch.y.dtype, jnp.integer) else (None, None)
     tracker = signals.tracker_update(state.tracker, batch.indices, per_sample, logits, labels)
-    method_state = method.update(state.method_state, ctx, per_sample)
+    result = StepResult(per_sample, params, lambda cotangent: step_vjp(cotangent)[0])
+    method_state, update_metrics = method.update(method_state, ctx, result)
     metrics = {
         "loss": loss,
         "mean_loss": jnp.mean(per_sample),
         "grad_norm": optax.global_norm(grads),
         "update_norm": optax.global_norm(updates),
         **weight_diagnostics(weights),
+        **weight_metrics,
+        **update_metrics,
     }
     return LoopState(params, opt_state, method_state, tracker, state.step + 1, key), metrics
 
@@ -250,6 +296,18 @@ def evaluate(model: nn.Module, loss_fn: persample.LossFn, params, x: jax.Array, 
   if jnp.issubdtype(y.dtype, jnp.integer):
     result["accuracy"] = jnp.mean(jnp.argmax(outputs, axis=-1) == y)
   return result
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_epoch(model, loss_fn, optimizer: str, learning_rate: float, method: Method, val_batch_size: int):
+  """The jitted epoch, shared by every run with the same model, optimiser and method (e.g. all seeds)."""
+  tx = make_optimizer(optimizer, learning_rate)
+  return jax.jit(make_epoch(model, loss_fn, tx, method, val_batch_size), donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_evaluate(model, loss_fn):
+  return jax.jit(lambda p, x, y: evaluate(model, loss_fn, p, x, y))
 
 
 def progress_enabled() -> bool:
@@ -346,10 +404,10 @@ def fit(
   state = jax.tree.map(jnp.copy, state)
   data = tuple(
       jnp.asarray(a)
-      for a in (dataset.train.x, dataset.train.y, dataset.val.x, dataset.val.y)
+      for a in (dataset.train.x, dataset.train.y, dataset.val.x, dataset.val.y, dataset.train.groups)
   )
-  epoch_fn = jax.jit(make_epoch(model, loss_fn, tx, method, config.val_batch_size), donate_argnums=0)
-  eval_fn = jax.jit(lambda p, x, y: evaluate(model, loss_fn, p, x, y))
+  epoch_fn = _compiled_epoch(model, loss_fn, config.optimizer, config.learning_rate, method, config.val_batch_size)
+  eval_fn = _compiled_evaluate(model, loss_fn)
   splits = {name: (jnp.asarray(getattr(dataset, name).x), jnp.asarray(getattr(dataset, name).y)) for name in ("val", "test")}
 
   history = []

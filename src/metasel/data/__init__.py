@@ -1,17 +1,20 @@
 """Datasets as numpy train/val/test splits with metadata, and JAX index streams for training.
 
 `load(spec, seed=..., **options)` gives a `Dataset` for "sine", "mixture", "digits-synthetic",
-"csv:PATH", "tsv:PATH", "lines:PATH" or "tfds:NAME"; `from_arrays` wraps your own arrays.
+"csv:PATH", "tsv:PATH", "lines:PATH" or "tfds:NAME", and "corrupted:SPEC" makes a real+synthetic mixture
+with known corruption tiers out of any of those classification sets; `from_arrays` wraps your own arrays.
 """
 
 from metasel.data import sampling, sources, synthetic, text
-from metasel.data.dataset import CLEAN_TIER, Dataset, Split
+from metasel.data.dataset import CLEAN_TIER, REAL_GROUP, SYNTHETIC_GROUP, Dataset, Split
 from metasel.data.sampling import epoch_batches, weighted_batches
 from metasel.data.sources import from_arrays, load
 
 __all__ = [
     "CLEAN_TIER",
     "Dataset",
+    "REAL_GROUP",
+    "SYNTHETIC_GROUP",
     "Split",
     "epoch_batches",
     "from_arrays",

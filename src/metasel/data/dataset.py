@@ -7,6 +7,9 @@ import dataclasses
 import numpy as np
 
 CLEAN_TIER = 0  # tier 0 is always clean data; any other tier is a kind of corruption
+REAL_GROUP = 0  # group 0 is real data
+SYNTHETIC_GROUP = 1  # generated or derived data, in datasets whose group_names are MIXED_GROUPS
+MIXED_GROUPS = ("real", "synthetic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,12 +20,15 @@ class Split:
   `tier` is int32; `tier == 0` marks clean samples, other values index `Dataset.tier_names`.
   `source_index` (N,) optionally records each sample's row in the file or pool it came from, so that
   disjointness of splits can be checked and results traced back to raw data.
+  `group` (N,) optionally marks each sample as real (0) or synthetic (1), indexing `Dataset.group_names`,
+  so that methods can be scored per origin; None means every sample is real (see `groups`).
   """
 
   x: np.ndarray
   y: np.ndarray
   tier: np.ndarray
   source_index: np.ndarray | None = None
+  group: np.ndarray | None = None
 
   def __post_init__(self):
     n = len(self.x)
@@ -31,6 +37,8 @@ class Split:
           f"split arrays disagree in length: x has {n} rows, y {len(self.y)}, tier {len(self.tier)};"
           " expected the same number of samples in each"
       )
+    if self.group is not None and len(self.group) != n:
+      raise ValueError(f"split group has {len(self.group)} entries but x has {n} rows; expected one per sample")
 
   def __len__(self) -> int:
     return len(self.x)
@@ -39,6 +47,11 @@ class Split:
   def is_clean(self) -> np.ndarray:
     """Boolean mask (N,) of samples whose true tier is clean."""
     return self.tier == CLEAN_TIER
+
+  @property
+  def groups(self) -> np.ndarray:
+    """int32 group of every sample (N,): `group`, or all real (zeros) when the split records none."""
+    return np.full(len(self), REAL_GROUP, np.int32) if self.group is None else self.group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +65,7 @@ class Dataset:
     feature_names: one name per feature column (flattened for images).
     tier_names: names of the quality tiers; index 0 is "clean".
     class_names: one name per class (empty for regression).
+    group_names: names of the sample groups that `Split.group` indexes; index 0 is "real".
   """
 
   name: str
@@ -62,6 +76,7 @@ class Dataset:
   feature_names: tuple[str, ...]
   tier_names: tuple[str, ...] = ("clean",)
   class_names: tuple[str, ...] = ()
+  group_names: tuple[str, ...] = ("real",)
 
   @property
   def task(self) -> str:

@@ -1,7 +1,8 @@
 """Load any dataset by spec string, and build validated datasets from numpy arrays.
 
 `load("sine" | "mixture" | "digits-synthetic" | "csv:PATH" | "tsv:PATH" | "lines:PATH" | "tfds:NAME")`
-returns a `Dataset`; every loader checks its options before doing any work.
+returns a `Dataset`, and `load("corrupted:SPEC")` turns the dataset SPEC names into a real+synthetic
+mixture with known corruption tiers; every loader checks its options before doing any work.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ import numpy as np
 from metasel.data.dataset import CLEAN_TIER, Dataset, Split
 
 SPLITS = ("train", "val", "test")
-SPECS = ("sine", "mixture", "digits-synthetic", "csv:PATH", "tsv:PATH", "lines:PATH", "tfds:NAME")
+SPECS = (
+    "sine", "mixture", "digits-synthetic", "csv:PATH", "tsv:PATH", "lines:PATH", "tfds:NAME", "corrupted:SPEC"
+)
 
-# A split given to `from_arrays`: a `Split`, or a tuple (x, y), (x, y, tier) or (x, y, tier, source_index).
+# A split given to `from_arrays`: a `Split`, or a tuple (x, y), (x, y, tier), (x, y, tier, source_index)
+# or (x, y, tier, source_index, group).
 SplitLike = Split | Sequence[Any]
 
 
@@ -28,14 +32,27 @@ def load(spec: str, *, seed: int = 0, **options) -> Dataset:
   Known specs: "sine", "mixture", "digits-synthetic" (generated, no download), "csv:PATH", "tsv:PATH",
   "lines:PATH" (local text files, TF-IDF features) and "tfds:NAME" (TensorFlow Datasets). `options` go to
   the loader; unknown option names raise a ValueError that lists the accepted ones.
+  "corrupted:SPEC" loads the classification dataset SPEC and passes it to `synthetic.corrupted_mixture`:
+  the options n_real, n_synthetic and tiers go to `corrupted_mixture`, all others to SPEC's loader, and
+  both use `seed`.
 
-  Example: `load("csv:ag_news/test.csv", n_train=1000, n_test=200, n_val=200)`.
+  Example: `load("csv:ag_news/test.csv", n_train=1000, n_test=200, n_val=200)`, or
+  `load("corrupted:csv:ag_news/test.csv", n_real=300, n_synthetic=900, n_train=1500, n_val=200, n_test=400)`.
   """
   from metasel.data import synthetic, text  # imported here: both modules import this one
 
   if not isinstance(spec, str):
     raise ValueError(f"dataset spec must be a string, got {spec!r}; known specs: {', '.join(SPECS)}")
   check_seed(seed)
+  if spec.startswith("corrupted:"):
+    inner = spec.removeprefix("corrupted:")
+    if not inner:
+      raise ValueError(
+          f"dataset spec {spec!r} names no dataset to corrupt; expected corrupted:SPEC, e.g. corrupted:csv:PATH"
+      )
+    own = {k: options.pop(k) for k in keyword_options(synthetic.corrupted_mixture) if k in options}
+    synthetic.check_corrupted_options(**own)
+    return synthetic.corrupted_mixture(load(inner, seed=seed, **options), seed=seed, **own)
   generated = {"sine": synthetic.sine, "mixture": synthetic.mixture, "digits-synthetic": synthetic.digits_synthetic}
   if spec in generated:
     fn = generated[spec]
@@ -65,13 +82,15 @@ def from_arrays(
     feature_names: Sequence[str] | None = None,
     tier_names: Sequence[str] = ("clean",),
     class_names: Sequence[str] = (),
+    group_names: Sequence[str] = ("real",),
     check_disjoint: bool = True,
 ) -> Dataset:
   """Build a `Dataset` from numpy splits after checking shapes, dtypes, finiteness and label ranges.
 
-  Each split is a `Split` or a tuple `(x, y[, tier[, source_index]])` with x (N, ...) and y (N,).
+  Each split is a `Split` or a tuple `(x, y[, tier[, source_index[, group]]])` with x (N, ...) and y (N,).
   `num_classes=None` infers it: 0 (regression) for float targets, else `max(y) + 1`. Integer targets
-  become int32 class ids, float targets float32, features float32, tiers int32 (default all clean).
+  become int32 class ids, float targets float32, features float32, tiers and groups int32 (default
+  all clean; no group means all real). Groups index `group_names`, e.g. ("real", "synthetic").
   With `check_disjoint`, splits that all carry `source_index` must not share an index.
   """
   raw = {name_: _as_tuple(name_, s) for name_, s in zip(SPLITS, (train, val, test))}
@@ -83,7 +102,7 @@ def from_arrays(
   if num_classes == 0 and not regression:
     raise ValueError("num_classes=0 means regression and needs float targets y; got integer targets")
   splits = {
-      split: _check_split(split, *r, num_classes=num_classes, num_tiers=len(tier_names))
+      split: _check_split(split, *r, num_classes=num_classes, num_tiers=len(tier_names), num_groups=len(group_names))
       for split, r in raw.items()
   }
   shapes = {split: s.x.shape[1:] for split, s in splits.items()}
@@ -96,6 +115,8 @@ def from_arrays(
     raise ValueError(f"got {len(feature_names)} feature_names for {num_features} features; expected one per feature")
   if not tier_names or tier_names[CLEAN_TIER] != "clean":
     raise ValueError(f"tier_names must start with 'clean', got {tuple(tier_names)!r}")
+  if not group_names or group_names[0] != "real":
+    raise ValueError(f"group_names must start with 'real', got {tuple(group_names)!r}")
   if num_classes and class_names and len(class_names) != num_classes:
     raise ValueError(f"got {len(class_names)} class_names for num_classes={num_classes}; expected one per class")
   if check_disjoint:
@@ -106,22 +127,26 @@ def from_arrays(
       feature_names=tuple(str(f) for f in feature_names),
       tier_names=tuple(tier_names),
       class_names=tuple(str(c) for c in class_names),
+      group_names=tuple(str(g) for g in group_names),
       **splits,
   )
 
 
 def _as_tuple(split: str, value: SplitLike) -> tuple:
-  """(x, y, tier, source_index) of one split given as a `Split` or a 2- to 4-tuple."""
+  """(x, y, tier, source_index, group) of one split given as a `Split` or a 2- to 5-tuple."""
   if isinstance(value, Split):
-    return value.x, value.y, value.tier, value.source_index
-  if not isinstance(value, (tuple, list)) or not 2 <= len(value) <= 4:
+    return value.x, value.y, value.tier, value.source_index, value.group
+  if not isinstance(value, (tuple, list)) or not 2 <= len(value) <= 5:
     raise ValueError(
-        f"{split} split must be a Split or a tuple (x, y[, tier[, source_index]]), got {type(value).__name__}"
+        f"{split} split must be a Split or a tuple (x, y[, tier[, source_index[, group]]]),"
+        f" got {type(value).__name__}"
     )
-  return tuple(value) + (None,) * (4 - len(value))
+  return tuple(value) + (None,) * (5 - len(value))
 
 
-def _check_split(split, x, y, tier, source_index, *, num_classes: int, num_tiers: int) -> Split:
+def _check_split(
+    split, x, y, tier, source_index, group, *, num_classes: int, num_tiers: int, num_groups: int
+) -> Split:
   """One validated split with canonical dtypes; errors name the split and the bad value."""
   x, y = np.asarray(x), np.asarray(y)
   if x.ndim < 2:
@@ -174,7 +199,16 @@ def _check_split(split, x, y, tier, source_index, *, num_classes: int, num_tiers
           f" expected ({n},) integers"
       )
     source_index = source_index.astype(np.int64)
-  return Split(x, y, tier.astype(np.int32), source_index)
+  if group is not None:
+    group = np.asarray(group)
+    if group.shape != (n,) or not np.issubdtype(group.dtype, np.integer):
+      raise ValueError(f"{split} group has shape {group.shape} and dtype {group.dtype}; expected ({n},) integers")
+    if group.min() < 0 or group.max() >= num_groups:
+      raise ValueError(
+          f"{split} group has values in [{group.min()}, {group.max()}]; expected 0..{num_groups - 1} (group_names)"
+      )
+    group = group.astype(np.int32)
+  return Split(x, y, tier.astype(np.int32), source_index, group)
 
 
 def _check_disjoint(splits: Mapping[str, Split]) -> None:
@@ -250,13 +284,15 @@ def tier_counts(fractions: Sequence[float], total: int) -> np.ndarray:
   return np.diff(np.minimum(bounds, total))
 
 
+def keyword_options(fn: Callable) -> list[str]:
+  """Names of the keyword-only parameters of the loader `fn`, except `seed`."""
+  parameters = inspect.signature(fn).parameters.values()
+  return [p.name for p in parameters if p.kind == inspect.Parameter.KEYWORD_ONLY and p.name != "seed"]
+
+
 def check_options(spec: str, fn: Callable, options: Mapping[str, Any], *, fixed: Sequence[str] = ()) -> None:
   """Raise if `options` holds a name that the loader `fn` does not accept (listing the accepted ones)."""
-  accepted = [
-      p.name
-      for p in inspect.signature(fn).parameters.values()
-      if p.kind == inspect.Parameter.KEYWORD_ONLY and p.name != "seed" and p.name not in fixed
-  ]
+  accepted = [name for name in keyword_options(fn) if name not in fixed]
   unknown = sorted(set(options) - set(accepted))
   if unknown:
     raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for {spec!r}; accepted: {', '.join(accepted)}")

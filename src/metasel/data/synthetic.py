@@ -1,8 +1,10 @@
 """Generated datasets that need no download: noisy sine regression and real+synthetic mixtures.
 
 Mixtures record each sample's true quality tier, so a selection method can be scored directly
-(e.g. AUC of learned weights against clean/corrupt). In a mixture's train split the real rows come
-first, then the synthetic rows (shuffled); `val` and `test` hold clean real data only.
+(e.g. AUC of learned weights against clean/corrupt), and its group (real 0, synthetic 1), so it can
+be scored per origin. In a mixture's train split the real rows come first, then the synthetic rows
+(shuffled); `val` and `test` hold clean real data only. `corrupted_mixture` makes such a mixture out
+of any clean classification dataset.
 """
 
 from __future__ import annotations
@@ -13,12 +15,17 @@ import numpy as np
 import sklearn.datasets
 
 from metasel.data import sources
-from metasel.data.dataset import Dataset
+from metasel.data.dataset import MIXED_GROUPS, REAL_GROUP, SYNTHETIC_GROUP, Dataset
 
 MIXTURE_TIERS = ("clean", "label_noise", "feature_shift", "near_duplicate", "pure_noise")
 DIGITS_TIERS = ("clean", "pixel_noise", "blur", "shift", "label_flip")
+CORRUPTED_TIERS = ("clean", "label_noise", "feature_noise", "near_duplicate", "pure_noise")
 DEFAULT_MIXTURE_TIERS = {"label_noise": 0.2, "feature_shift": 0.15, "near_duplicate": 0.1, "pure_noise": 0.15}
 DEFAULT_DIGITS_TIERS = {"pixel_noise": 0.15, "blur": 0.15, "shift": 0.15, "label_flip": 0.15}
+DEFAULT_CORRUPTED_TIERS = {"label_noise": 0.2, "feature_noise": 0.1, "near_duplicate": 0.1, "pure_noise": 0.1}
+CORRUPTED_NOISE_SCALE = 3.0  # feature_noise std, in units of each feature column's train std
+CORRUPTED_DUPLICATE_SOURCES = 10  # near_duplicate rows are copies of this many rows
+CORRUPTED_DUPLICATE_JITTER = 0.01  # near_duplicate noise std, in units of each feature column's train std
 
 
 def sine(
@@ -76,7 +83,8 @@ def mixture(
     feature_shift   x moves `shift` of the way toward another class's mean, label kept;
     near_duplicate  tiny jitter (std `duplicate_jitter`) copies of `duplicate_sources` synthetic points;
     pure_noise      x ~ N(0, noise_scale^2 I), label uniform at random.
-  Train is the n_real real rows followed by the n_synthetic synthetic rows; val and test are clean real data.
+  Train is the n_real real rows (group 0) followed by the n_synthetic synthetic rows (group 1); val and
+  test are clean real data.
   """
   sources.check_seed(seed)
   for name, n in (("n_real", n_real), ("n_val", n_val), ("n_test", n_test), ("dim", dim)):
@@ -126,20 +134,22 @@ def mixture(
   train_x = np.concatenate([real_x, syn_x[order]])
   train_y = np.concatenate([real_y, syn_y[order]])
   train_tier = np.concatenate([np.zeros(n_real, int), tier[order]])
+  train_group = np.repeat([REAL_GROUP, SYNTHETIC_GROUP], [n_real, n_synthetic])
   # Source rows: one generated pool ordered real, synthetic, val, test.
   n_train = n_real + n_synthetic
   train_src = np.concatenate([np.arange(n_real), n_real + order])
   val_src = n_train + np.arange(n_val)
   test_src = n_train + n_val + np.arange(n_test)
   return sources.from_arrays(
-      (train_x, train_y, train_tier, train_src),
-      (val_x, val_y, None, val_src),
-      (test_x, test_y, None, test_src),
+      (train_x, train_y, train_tier, train_src, train_group),
+      (val_x, val_y, None, val_src, np.full(n_val, REAL_GROUP)),
+      (test_x, test_y, None, test_src, np.full(n_test, REAL_GROUP)),
       name="mixture",
       num_classes=num_classes,
       feature_names=tuple(f"x{i}" for i in range(dim)),
       tier_names=MIXTURE_TIERS,
       class_names=tuple(f"class{c}" for c in range(num_classes)),
+      group_names=MIXED_GROUPS,
   )
 
 
@@ -169,7 +179,7 @@ def digits_synthetic(
     label_flip   the label is replaced by another class, image unchanged.
   x is float32 in [0, 1], (N, 8, 8, 1), or (N, 64) with `flatten=True`; `source_index` is the row in
   `sklearn.datasets.load_digits()` the sample (or its clean original) came from. Train is the real
-  rows followed by the synthetic rows.
+  rows (group 0) followed by the synthetic rows (group 1).
   """
   sources.check_seed(seed)
   for name, n in (("n_real", n_real), ("n_val", n_val), ("n_test", n_test), ("max_shift", max_shift)):
@@ -216,15 +226,130 @@ def digits_synthetic(
           np.concatenate([labels[real], syn_y]),
           np.concatenate([np.zeros(len(real), int), tier]),
           np.concatenate([real, src]),
+          np.repeat([REAL_GROUP, SYNTHETIC_GROUP], [len(real), n_synthetic]),
       ),
-      (shaped(images[val]), labels[val], None, val),
-      (shaped(images[test]), labels[test], None, test),
+      (shaped(images[val]), labels[val], None, val, np.full(len(val), REAL_GROUP)),
+      (shaped(images[test]), labels[test], None, test, np.full(len(test), REAL_GROUP)),
       name="digits-synthetic",
       num_classes=10,
       feature_names=tuple(f"pixel_{r}_{c}" for r in range(8) for c in range(8)),
       tier_names=DIGITS_TIERS,
       class_names=tuple(str(c) for c in range(10)),
+      group_names=MIXED_GROUPS,
   )
+
+
+def check_corrupted_options(
+    *, n_real: int | None = None, n_synthetic: int | None = None, tiers: Mapping[str, float] | None = None
+) -> dict[str, float]:
+  """Validate `corrupted_mixture`'s options before any data is loaded; returns the fraction of every corruption."""
+  sources.check_int("n_real", n_real)
+  sources.check_int("n_synthetic", n_synthetic)
+  return sources.check_fractions("tiers", DEFAULT_CORRUPTED_TIERS if tiers is None else tiers, CORRUPTED_TIERS[1:])
+
+
+def corrupted_mixture(
+    real: Dataset,
+    *,
+    n_real: int,
+    n_synthetic: int,
+    tiers: Mapping[str, float] | None = None,
+    seed: int = 0,
+) -> Dataset:
+  """A real+synthetic mixture with known tiers made from a clean classification dataset, e.g. TF-IDF AG News.
+
+  Val and test stay as they are. Train is `n_real` class-stratified real rows (group 0, tier 0) followed
+  by `n_synthetic` synthetic rows (group 1, shuffled) made from the other clean real train rows, which
+  cycle when there are fewer of them than `n_synthetic`. `tiers` maps a corruption to its fraction of
+  the synthetic part (the rest are unchanged copies, tier 0); default `DEFAULT_CORRUPTED_TIERS` (half
+  corrupted). The corruptions work on any feature vectors (images are flattened and shaped back):
+    label_noise     the label is replaced by another class, features unchanged;
+    feature_noise   Gaussian noise of std `CORRUPTED_NOISE_SCALE` times each feature column's train std;
+    near_duplicate  copies of `CORRUPTED_DUPLICATE_SOURCES` rows, with noise of std
+                    `CORRUPTED_DUPLICATE_JITTER` times each column's train std;
+    pure_noise      each feature column an independent random permutation of that column over the
+                    synthetic part's source rows, which keeps every column's values but breaks up
+                    the rows; the label uniform at random.
+  `source_index` is the input train row each sample was made from (for pure_noise, the row it
+  replaces), in `real`'s numbering: its `train.source_index` when recorded, else the row position.
+  Only rows of `real.train` that are clean and real are used, so a generated mixture works too.
+  """
+  if not isinstance(real, Dataset):
+    raise ValueError(f"real must be a Dataset (e.g. from load(...)), got {type(real).__name__}")
+  sources.check_seed(seed)
+  fractions = check_corrupted_options(n_real=n_real, n_synthetic=n_synthetic, tiers=tiers)
+  if real.task != "classification":
+    raise ValueError(f"corrupted_mixture needs a classification dataset; {real.name!r} is regression (num_classes=0)")
+  for split in ("val", "test"):
+    s = getattr(real, split)
+    bad = int((~s.is_clean | (s.groups != REAL_GROUP)).sum())
+    if bad:
+      raise ValueError(
+          f"{real.name!r} {split} split holds {bad} corrupted or synthetic samples; expected clean real val and test"
+      )
+  pool = np.flatnonzero(real.train.is_clean & (real.train.groups == REAL_GROUP))
+  if n_real >= len(pool):
+    raise ValueError(
+        f"n_real={n_real} leaves none of the {len(pool)} clean real train rows of {real.name!r} to make the"
+        f" synthetic part from; expected n_real < {len(pool)} (load more train rows, e.g. a larger n_train)"
+    )
+
+  rng = np.random.default_rng(seed)
+  num_classes = real.num_classes
+  x = real.train.x.reshape(len(real.train), -1)  # (N, F)
+  y = real.train.y
+  std = x.std(axis=0, dtype=np.float64)  # (F,)
+  names = ["n_real", "the synthetic part's source pool"]
+  kept, rest = (pool[p] for p in sources.stratified_subsets(y[pool], [n_real, None], rng, names=names))
+  kept = rng.permutation(kept)
+  counts = sources.tier_counts(list(fractions.values()), n_synthetic)
+  tier = np.repeat(np.arange(len(CORRUPTED_TIERS)), np.concatenate([[n_synthetic - counts.sum()], counts]))
+  tier = rng.permutation(tier)
+  src = rng.permutation(rest)[np.arange(n_synthetic) % len(rest)]
+  syn_x = x[src]
+  syn_y = y[src].copy()
+
+  flip = tier == CORRUPTED_TIERS.index("label_noise")
+  syn_y[flip] = (syn_y[flip] + rng.integers(1, num_classes, int(flip.sum()))) % num_classes
+  noisy = tier == CORRUPTED_TIERS.index("feature_noise")
+  syn_x[noisy] += CORRUPTED_NOISE_SCALE * std * rng.normal(size=(int(noisy.sum()), x.shape[1]))
+  dup = np.flatnonzero(tier == CORRUPTED_TIERS.index("near_duplicate"))
+  if dup.size:
+    src[dup] = src[dup[np.arange(dup.size) % min(CORRUPTED_DUPLICATE_SOURCES, dup.size)]]  # the first as prototypes
+    syn_x[dup] = x[src[dup]] + CORRUPTED_DUPLICATE_JITTER * std * rng.normal(size=(dup.size, x.shape[1]))
+    syn_y[dup] = y[src[dup]]
+  noise = np.flatnonzero(tier == CORRUPTED_TIERS.index("pure_noise"))
+  if noise.size:
+    syn_x[noise] = _shuffled_columns(x[rest], noise.size, rng)
+    syn_y[noise] = rng.integers(0, num_classes, noise.size)
+
+  rows = np.concatenate([kept, src])
+  source = real.train.source_index
+  return sources.from_arrays(
+      (
+          np.concatenate([x[kept], syn_x]).reshape(len(rows), *real.input_shape),
+          np.concatenate([y[kept], syn_y]),
+          np.concatenate([np.zeros(n_real, int), tier]),
+          rows if source is None else source[rows],
+          np.repeat([REAL_GROUP, SYNTHETIC_GROUP], [n_real, n_synthetic]),
+      ),
+      real.val,
+      real.test,
+      name=f"corrupted:{real.name}",
+      num_classes=num_classes,
+      feature_names=real.feature_names,
+      tier_names=CORRUPTED_TIERS,
+      class_names=real.class_names,
+      group_names=MIXED_GROUPS,
+      check_disjoint=False,  # train rows are a subset of real's train split, which was checked when it was built
+  )
+
+
+def _shuffled_columns(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+  """n rows (n, F), each column an independent random permutation of that column of x (M, F), cycled past M."""
+  m, f = x.shape
+  order = np.concatenate([np.argsort(rng.random((m, f)), axis=0) for _ in range(-(-n // m))])[:n]  # (n, F)
+  return x[order, np.arange(f)]
 
 
 def _pixel_noise(images: np.ndarray, std: np.ndarray, rng: np.random.Generator) -> np.ndarray:

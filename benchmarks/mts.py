@@ -1,0 +1,169 @@
+"""Time an MTS training step against a plain one, and a compiled GSNR sweep against a Python loop, in one run.
+
+    python benchmarks/mts.py [--batch 128] [--val-batch 64] [--rounds 7]
+
+Prints one JSON object for the MLP 2000-128-128-4 at the given batch:
+
+* `plain_step_ms`: one step of the training loop (`train.make_epoch`) with uniform weights and Adam.
+* `mts_step_ms`: the same loop with `mts.mts(..., lookahead=False)` on the loss feature: the meta-network
+  weights the batch, the model takes its weighted Adam step, and the meta-network takes an AdamW step
+  on the exact hypergradient of a clean validation batch's loss through that step.
+* `mts_lookahead_step_ms`: Meta-Weight-Net's order (a virtual SGD step, the meta-step, then the model's
+  step with the new weights): one more forward and backward pass than `mts_step_ms`.
+* `gsnr_sweep_s`: `gsnr.sweep` of the MTS meta-gradient over batch sizes 16..256, `--num-batches`
+  batches each (one compiled program per batch size), and `gsnr_loop_s`: the same measurement with a
+  Python loop that calls the jitted meta-gradient once per batch and summarises on the host.
+
+Step times are medians of per-step means over interleaved rounds of a compiled `lax.scan` of
+`--steps` steps; sweep times exclude compilation (each is timed on its second call). Ratios divide
+times taken in this same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from metasel import gsnr, models, mts, persample, signals, train
+
+INPUT_DIM, NUM_CLASSES = 2000, 4
+SWEEP_BATCH_SIZES = (16, 32, 64, 128, 256)
+
+
+def _data(num_rows: int, seed: int = 0):
+  keys = jax.random.split(jax.random.key(seed), 2)
+  x = jax.random.normal(keys[0], (num_rows, INPUT_DIM))
+  y = jax.random.randint(keys[1], (num_rows,), 0, NUM_CLASSES)
+  return x, y
+
+
+def step_times(model, batch: int, val_batch: int, steps: int, rounds: int) -> dict[str, float]:
+  """Milliseconds per training step for uniform, online MTS and lookahead MTS (median over rounds)."""
+  loss_fn = persample.softmax_cross_entropy
+  tx = train.make_optimizer("adam", 1e-3)
+  x, y = _data(batch * steps)
+  data = (x, y, x[:512], y[:512])
+  params = models.init_params(model, jax.random.key(1), (INPUT_DIM,))
+  features = mts.loss_features(model, loss_fn)
+  methods = {
+      "plain_step_ms": train.uniform(),
+      "mts_step_ms": mts.mts(model, loss_fn, features, 1, lookahead=False),
+      "mts_lookahead_step_ms": mts.mts(model, loss_fn, features, 1),
+  }
+  batches = jnp.arange(batch * steps).reshape(steps, batch)
+  programs = {}
+  for name, method in methods.items():
+    state = train.LoopState(
+        params, tx.init(params), method.init(jax.random.key(2), batch * steps),
+        signals.tracker_init(batch * steps), jnp.zeros((), jnp.int32), jax.random.key(3),
+    )
+    epoch = jax.jit(train.make_epoch(model, loss_fn, tx, method, val_batch))
+    jax.block_until_ready(epoch(state, data, batches))  # compile
+    programs[name] = (epoch, state)
+  samples = {name: [] for name in methods}
+  for _ in range(rounds):
+    for name, (epoch, state) in programs.items():
+      start = time.perf_counter()
+      jax.block_until_ready(epoch(state, data, batches))
+      samples[name].append((time.perf_counter() - start) / steps * 1e3)
+  return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def sweep_times(model, val_batch: int, num_batches: int) -> dict[str, float]:
+  """Seconds for the compiled GSNR sweep of the MTS meta-gradient and for a Python loop doing the same."""
+  loss_fn = persample.softmax_cross_entropy
+  x, y = _data(2048, seed=4)
+  val_x, val_y = _data(512, seed=5)
+  params = models.init_params(model, jax.random.key(1), (INPUT_DIM,))
+  meta_net = mts.MetaNet()
+  meta_params = meta_net.init(jax.random.key(6), jnp.zeros((1, 1)))["params"]
+
+  def meta_grad(params, batch):
+    model_params, meta_params = params
+    bx, by, vx, vy = batch
+    ctx = train.StepContext(model_params, train.Batch(jnp.zeros_like(by), bx, by), vx, vy, jax.random.key(0))
+    feats = mts.zscore(mts.loss_features(model, loss_fn)(model_params, ctx))
+    weigh = lambda phi: mts.normalize(meta_net.apply({"params": phi}, feats))
+    return mts.batch_hypergrad(model, loss_fn, weigh, meta_params, ctx).grads
+
+  def draw(key, pool, batch_size):
+    row_key, val_key = jax.random.split(key)
+    bx, by = gsnr.draw_rows(row_key, pool, batch_size)
+    vx, vy = gsnr.draw_rows(val_key, (val_x, val_y), val_batch)
+    return bx, by, vx, vy
+
+  both = (params, meta_params)
+  key = jax.random.key(7)
+
+  def compiled():
+    result = gsnr.sweep(meta_grad, both, (x, y), SWEEP_BATCH_SIZES, num_batches=num_batches, key=key, draw_batch=draw)
+    return jax.block_until_ready(result)
+
+  jitted_grad = jax.jit(meta_grad)
+  jitted_draw = jax.jit(draw, static_argnums=2)
+
+  def loop():
+    result = {}
+    for b in SWEEP_BATCH_SIZES:
+      grads = []
+      for k in jax.random.split(jax.random.fold_in(key, b), num_batches):
+        grads.append(jitted_grad(both, jitted_draw(k, (x, y), b)))
+      stacked = [np.stack([np.asarray(leaf) for leaf in leaves]) for leaves in zip(*map(jax.tree.leaves, grads))]
+      result[b] = gsnr.as_dict(gsnr.summarize(stacked))
+    return result
+
+  timings = {}
+  for name, fn in (("gsnr_sweep_s", compiled), ("gsnr_loop_s", loop)):
+    fn()  # compile
+    start = time.perf_counter()
+    out = fn()
+    timings[name] = time.perf_counter() - start
+    if name == "gsnr_sweep_s":
+      sweep_result = {b: gsnr.as_dict(g) for b, g in out.items()}
+    else:
+      loop_result = out
+  agree = max(
+      abs(sweep_result[b]["aggregate"] - loop_result[b]["aggregate"]) / abs(loop_result[b]["aggregate"])
+      for b in SWEEP_BATCH_SIZES
+  )
+  return {**timings, "gsnr_sweep_vs_loop_max_rel_diff": agree}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--val-batch", type=int, default=64)
+  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--rounds", type=int, default=7)
+  parser.add_argument("--num-batches", type=int, default=32)
+  args = parser.parse_args()
+  model = models.MLP((128, 128), num_outputs=NUM_CLASSES)
+  steps = step_times(model, args.batch, args.val_batch, args.steps, args.rounds)
+  sweeps = sweep_times(model, args.val_batch, args.num_batches)
+  report = {
+      "model": f"MLP {INPUT_DIM}-128-128-{NUM_CLASSES}",
+      "batch": args.batch,
+      "val_batch": args.val_batch,
+      **{k: round(v, 4) for k, v in steps.items()},
+      "mts_over_plain": round(steps["mts_step_ms"] / steps["plain_step_ms"], 3),
+      "mts_lookahead_over_plain": round(steps["mts_lookahead_step_ms"] / steps["plain_step_ms"], 3),
+      "gsnr_batch_sizes": list(SWEEP_BATCH_SIZES),
+      "gsnr_num_batches": args.num_batches,
+      **{k: round(v, 4) for k, v in sweeps.items()},
+      "gsnr_loop_over_compiled": round(sweeps["gsnr_loop_s"] / sweeps["gsnr_sweep_s"], 2),
+      "backend": jax.default_backend(),
+      "device": str(jax.devices()[0].device_kind),
+      "jax_version": jax.__version__,
+  }
+  print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+  main()
