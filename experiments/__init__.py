@@ -4,6 +4,8 @@ Installed as the `metasel_experiments` package; run them with `metasel run NAME`
 """
 
 import importlib
+import os
+from pathlib import Path
 
 REGISTRY = {
     "gsnr-sweep": "metasel_experiments.gsnr_sweep",
@@ -17,3 +19,13 @@ def get(name: str):
   if name not in REGISTRY:
     raise ValueError(f"unknown experiment {name!r}; expected one of {sorted(REGISTRY)}")
   return importlib.import_module(REGISTRY[name])
+
+
+def shared_data(relative: str) -> Path:
+  """A file of the shared real-text folder: $METASEL_SHARED_DATA, else ../shared/data beside the repository.
+
+  The project ships no real data; experiments and tests read such files by path.
+  """
+  env = os.environ.get("METASEL_SHARED_DATA")
+  root = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+  return root / relative

@@ -73,7 +73,7 @@ def get_config(quick: bool = False) -> Config:
       dataset_options={"mixture": small, "digits-synthetic": {**small, "flatten": True}},
       hidden=(32,),
       warmup=train.TrainConfig(epochs=1, batch_size=32, val_batch_size=16, learning_rate=3e-3),
-      batch_sizes=(8, 32, 128),
+      batch_sizes=(8, 64),
       num_batches=4,
       val_batch_size=16,
       meta_hidden=(16,),
@@ -354,10 +354,7 @@ def format_table(config: Config, summaries: dict[str, dict[str, Any]]) -> str:
 
 def plot_gsnr(config: Config, summaries: dict[str, dict[str, Any]], path: Path) -> None:
   """Log-log GSNR against batch size per dataset, with 95% bands over seeds."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = runs.pyplot()
 
   fig, axes = plt.subplots(1, len(summaries), figsize=(6 * len(summaries), 4.5), squeeze=False)
   labels = {"meta": "meta-gradient (MTS)", "model": "model gradient", "model_iid": "model gradient, iid prediction"}
@@ -375,17 +372,12 @@ def plot_gsnr(config: Config, summaries: dict[str, dict[str, Any]], path: Path) 
     ax.set_ylabel("aggregate GSNR  ||E g||^2 / E||g - E g||^2")
     ax.set_title(f"{spec} (N = {s['num_train']})")
     ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  runs.save_figure(fig, path)
 
 
 def plot_traces(config: Config, per_dataset: dict[str, list[dict[str, Any]]], path: Path) -> None:
   """Effective batch size, max p_i and Var(p_i) over MTS training at each traced batch size."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = runs.pyplot()
 
   names = ("effective_batch_size", "max_weight", "weight_var")
   fig, axes = plt.subplots(len(per_dataset), 3, figsize=(15, 3.8 * len(per_dataset)), squeeze=False)
@@ -401,9 +393,7 @@ def plot_traces(config: Config, per_dataset: dict[str, list[dict[str, Any]]], pa
       if name != "effective_batch_size":
         ax.set_yscale("log")
       ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  runs.save_figure(fig, path)
 
 
 def run(config: Config, out_dir: Path) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """MTS benchmark: meta-learned data weights against no selection, L2RW and Meta-Weight-Net.
 
-Command:   metasel run mts-benchmark              (about RUNTIME on a 2-core CPU)
-Quick:     metasel run mts-benchmark --quick      (seconds; used by the tests)
+Command:   metasel run mts-benchmark              (about 6 minutes on a 2-core CPU)
+Quick:     metasel run mts-benchmark --quick      (about 30 seconds, mostly compilation; used by the tests)
 
 Tests the claims of the MTS paper (arXiv 2606.00571): meta-learned data weights suffer from a poor
 meta-gradient signal-to-noise ratio that a larger batch fixes; features that locate each sample in its
@@ -19,22 +19,28 @@ the same real+synthetic training pool, with the same clean validation batch size
 The datasets are a Gaussian mixture, synthetic digits (flattened for the MLP) and a real-text mixture
 made from the AG News test split (TF-IDF) with a corrupted synthetic part.
 
-For every dataset, method and seed: the final test accuracy and, for the learned weightings, the AUC
+For every dataset, method and seed: the final test accuracy (and, for reference, the test accuracy at
+the epoch of best validation accuracy) and, for the learned weightings, the AUC
 of the weights against the true corrupt tier over the whole training pool at the end of training,
 oriented so that AUC > 0.5 means corrupt samples get lower weight. MetaNet methods score each sample
-by the meta-network's raw weight, with the features z-scored over the pool rather than per batch;
+by the meta-network's raw weight, with the features z-scored (and the loss percentile taken) over the
+pool rather than per batch;
 L2RW scores each sample by its raw weight -d L_val / d eps_i at the final parameters against one
 validation batch. Gains are paired per-seed differences, and each claim's verdict says "holds",
-"does not hold" or "no significant difference" from whether their 95% interval excludes 0.
+"does not hold" or "no significant difference" from whether their 95% interval excludes 0. The claims:
+a larger batch improves MTS (mts-large - mts-small), the new features improve it (mts-features -
+mts-large), MTS beats no selection (mts-features - uniform) and the strongest baseline (the best of
+uniform, uniform-large, l2rw and mwn by mean accuracy); a fifth row checks whether the larger batch helps
+MTS more than it helps the model alone ((mts-large - mts-small) - (uniform-large - uniform)), since at a
+fixed number of epochs the larger batch also takes fewer steps. Every claim is judged per dataset and on
+the per-seed differences averaged over the datasets.
 
 Writes config.json, metrics.jsonl (per-epoch history), summary.json and mts_benchmark.png.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -42,12 +48,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax.experimental.compilation_cache import compilation_cache
-
 from metasel import data, models, mts, runs, signals, stats, train
+from metasel_experiments import shared_data
 
 NAME = "mts-benchmark"
-AG_NEWS = "/work/shared/data/ag_news/test.csv"
+AG_NEWS = str(shared_data("ag_news/test.csv"))
 AG_NEWS_SPEC = f"corrupted:csv:{AG_NEWS}"
 
 METHODS = ("uniform", "uniform-large", "l2rw", "mwn", "mts-small", "mts-large", "mts-features")
@@ -56,12 +61,16 @@ LEARNED = ("l2rw", "mwn", "mts-small", "mts-large", "mts-features")
 LARGE = ("uniform-large", "mts-large", "mts-features")
 VERDICTS = ("holds", "does not hold", "no significant difference")
 BEST_BASELINE = "strongest baseline"
+# Each claim: the sum of the accuracies of the first methods minus that of the second, paired per seed.
 CLAIMS = (
-    ("larger batch improves MTS", "mts-large", "mts-small"),
-    ("new features improve MTS", "mts-features", "mts-large"),
-    ("MTS beats no selection", "mts-features", "uniform"),
-    ("MTS beats the strongest baseline", "mts-features", BEST_BASELINE),
+    ("larger batch improves MTS", ("mts-large",), ("mts-small",)),
+    ("new features improve MTS", ("mts-features",), ("mts-large",)),
+    ("MTS beats no selection", ("mts-features",), ("uniform",)),
+    ("MTS beats the strongest baseline", ("mts-features",), (BEST_BASELINE,)),
+    # The batch's effect on MTS beyond its effect on the model alone (a difference in differences).
+    ("larger batch helps MTS beyond the model", ("mts-large", "uniform"), ("mts-small", "uniform-large")),
 )
+POSITION_NEIGHBOURS = 5  # kNN of mts.position_features' default
 PAPER_GAINS = {"MTS beats no selection": 0.0549, "MTS beats the strongest baseline": 0.0289}
 
 DATASET_OPTIONS = {
@@ -91,7 +100,7 @@ class Config:
   dataset: str | None = None
   dataset_options: dict = dataclasses.field(default_factory=dict)
   hidden: tuple[int, ...] = (128, 128)
-  epochs: int = 15
+  epochs: int = 40
   small_batch: int = 64
   large_batch: int = 512
   val_batch_size: int = 128
@@ -150,10 +159,15 @@ def check(config: Config) -> None:
   plan = dataset_plan(config)
   if not plan:
     raise ValueError("datasets must name at least one dataset, got none")
-  if len(set(config.datasets)) != len(config.datasets):
+  if config.dataset is None and len(set(config.datasets)) != len(config.datasets):
     raise ValueError(f"datasets {config.datasets!r} name a dataset twice; expected distinct specs")
   if not config.hidden or any(not isinstance(w, int) or w < 1 for w in config.hidden):
     raise ValueError(f"hidden must be positive layer widths, got {config.hidden!r}")
+  if config.val_batch_size < POSITION_NEIGHBOURS:
+    raise ValueError(
+        f"val_batch_size={config.val_batch_size} is too small for the position features, which compare each"
+        f" sample with its {POSITION_NEIGHBOURS} nearest validation samples; expected at least {POSITION_NEIGHBOURS}"
+    )
   if not config.large_batch > config.small_batch:
     raise ValueError(
         f"large_batch={config.large_batch} must exceed small_batch={config.small_batch}; the benchmark"
@@ -272,13 +286,19 @@ def weight_aucs(scores: np.ndarray, dataset: data.Dataset) -> tuple[float, dict[
 # Runs
 
 
-def run_seed(config: Config, spec: str, dataset: data.Dataset, seed: int, log) -> dict[str, dict[str, Any]]:
-  """Train every method on one dataset and seed; returns per-method test accuracy and weight AUCs."""
+def run_seed(config: Config, spec: str, dataset: data.Dataset, seed: int, log, arms: dict[str, Arm]) -> dict[str, dict[str, Any]]:
+  """Train every method on one dataset and seed; returns per-method test accuracy and weight AUCs.
+
+  `arms` keeps the methods of this dataset across seeds, so that their compiled epochs are reused; the
+  one that depends on the seed's training dynamics (mts-features) is made anew.
+  """
   model = models.MLP(config.hidden, num_outputs=dataset.num_classes)
   val = reference_batch(dataset, config.val_batch_size, seed)
   results, table = {}, None
   for name in METHODS:
-    arm = make_arm(name, config, model, dataset, table)
+    if name == "mts-features" or name not in arms:
+      arms[name] = make_arm(name, config, model, dataset, table)
+    arm = arms[name]
 
     def write(record, name=name):
       if "epoch" in record:
@@ -286,7 +306,11 @@ def run_seed(config: Config, spec: str, dataset: data.Dataset, seed: int, log) -
 
     fit = train.fit(model, dataset, train_config(config, arm.batch_size, seed), arm.method, log=write)
     final = fit.history[-1]
-    result = {"seed": seed, "accuracy": final["test/accuracy"], "val_accuracy": final["val/accuracy"]}
+    best = max(fit.history, key=lambda record: record["val/accuracy"])
+    result = {
+        "seed": seed, "accuracy": final["test/accuracy"], "val_accuracy": final["val/accuracy"],
+        "accuracy_at_best_val": best["test/accuracy"], "best_val_epoch": best["epoch"],
+    }
     if name == "uniform":
       table = dynamics_table(fit)
     if name in LEARNED:
@@ -318,7 +342,7 @@ def summarise_dataset(per_seed: dict[str, list[dict]]) -> dict[str, Any]:
   """Accuracy and weight AUC intervals, paired gains and claim verdicts for one dataset."""
   methods = {}
   for name, rows in per_seed.items():
-    entry = {"accuracy": interval([r["accuracy"] for r in rows])}
+    entry = {key: interval([r[key] for r in rows]) for key in ("accuracy", "accuracy_at_best_val")}
     if "auc" in rows[0]:
       entry["auc"] = interval([r["auc"] for r in rows])
       entry["tier_auc"] = {t: interval([r["tier_auc"][t] for r in rows]) for t in rows[0]["tier_auc"]}
@@ -327,24 +351,41 @@ def summarise_dataset(per_seed: dict[str, list[dict]]) -> dict[str, Any]:
   acc = {name: _accuracies(per_seed, name) for name in per_seed}
   acc[BEST_BASELINE] = acc[best]
   gains = {
-      name: {"vs_uniform": interval(acc[name] - acc["uniform"]), "vs_strongest_baseline": interval(acc[name] - acc[best])}
+      name: {
+          "vs_uniform": interval(acc[name] - acc["uniform"]),
+          "vs_strongest_baseline": interval(acc[name] - acc[best]),
+      }
       for name in METHODS
   }
   claims = {}
-  for claim, a, b in CLAIMS:
-    diff = interval(acc[a] - acc[b])
-    claims[claim] = {"comparison": f"{a} - {b if b != BEST_BASELINE else best}", "difference": diff, "verdict": verdict(diff)}
+  for claim, plus, minus in CLAIMS:
+    diff = interval(_difference(acc, plus, minus))
+    names = [best if name == BEST_BASELINE else name for name in (*plus, *minus)]
+    claims[claim] = {"comparison": _comparison(names, len(plus)), "difference": diff, "verdict": verdict(diff)}
   return {"methods": methods, "strongest_baseline": best, "gains": gains, "claims": claims, "accuracies": acc}
 
 
 def overall_claims(per_dataset: dict[str, dict]) -> dict[str, Any]:
   """The claims on the mean over datasets of each seed's paired difference."""
   out = {}
-  for claim, a, b in CLAIMS:
-    diffs = np.mean([d["accuracies"][a] - d["accuracies"][b] for d in per_dataset.values()], axis=0)
-    diff = interval(diffs)
-    out[claim] = {"comparison": f"{a} - {b}, mean over datasets", "difference": diff, "verdict": verdict(diff)}
+  for claim, plus, minus in CLAIMS:
+    diff = interval(np.mean([_difference(d["accuracies"], plus, minus) for d in per_dataset.values()], axis=0))
+    comparison = _comparison([*plus, *minus], len(plus)) + ", averaged"
+    out[claim] = {"comparison": comparison, "difference": diff, "verdict": verdict(diff)}
   return out
+
+
+def _difference(acc: dict[str, np.ndarray], plus: tuple[str, ...], minus: tuple[str, ...]) -> np.ndarray:
+  """Per-seed sum of the `plus` methods' accuracies minus the `minus` methods'."""
+  return sum(acc[name] for name in plus) - sum(acc[name] for name in minus)
+
+
+def _comparison(names: list[str], num_plus: int) -> str:
+  """"a - b", or "(a - c) - (d - b)" for the difference in differences a + b - c - d."""
+  if num_plus == 1:
+    return f"{names[0]} - {names[1]}"
+  a, b, c, d = names
+  return f"({a} - {c}) - ({d} - {b})"
 
 
 def _ci(value: dict[str, float] | None, scale: float = 1.0, signed: bool = False, digits: int = 2) -> str:
@@ -359,13 +400,17 @@ def format_table(summary: dict[str, Any]) -> str:
   """A text table per dataset: accuracy (%), weight AUC, gains (points) and the claims' verdicts."""
   lines = []
   for spec, result in summary["datasets"].items():
-    header = f"{'method':<15}{'test acc %':>17}{'weight AUC':>17}{'vs uniform':>17}{'vs strongest':>17}"
+    header = (
+        f"{'method':<15}{'test acc %':>17}{'weight AUC':>17}{'vs uniform':>17}{'vs strongest':>17}"
+        f"{'acc @ best val':>17}"
+    )
     lines += [f"{spec}  (strongest baseline: {result['strongest_baseline']})", header, "-" * len(header)]
     for name in METHODS:
       m, g = result["methods"][name], result["gains"][name]
       lines.append(
           f"{name:<15}{_ci(m['accuracy'], 100):>17}{_ci(m.get('auc'), digits=3):>17}"
           f"{_ci(g['vs_uniform'], 100, True):>17}{_ci(g['vs_strongest_baseline'], 100, True):>17}"
+          f"{_ci(m['accuracy_at_best_val'], 100):>17}"
       )
     tiers = list(result["methods"]["mts-features"]["tier_auc"])
     lines.append(f"{'tier AUC':<15}" + "".join(f"{t[:14]:>15}" for t in tiers))
@@ -376,25 +421,33 @@ def format_table(summary: dict[str, Any]) -> str:
   if "overall" in summary:
     lines += ["all datasets (mean of per-seed differences)"] + _claim_lines(summary["overall"]) + [""]
   lines.append(
-      f"accuracy and gains in %, mean +- 95% CI over {len(summary['seeds'])} seeds; weight AUC > 0.5: corrupt"
-      " samples get lower weight. Paper: +5.49 vs no selection, +2.89 vs the strongest baseline."
+      f"test accuracy at the last epoch and gains (paired, per seed) in %, mean +- 95% CI over"
+      f" {len(summary['seeds'])} seeds; acc @ best val: test accuracy at the epoch of best validation accuracy."
+      "\nweight AUC > 0.5: corrupt samples get lower weight. Paper: +5.49 vs no selection, +2.89 vs the"
+      " strongest baseline."
   )
   return "\n".join(lines)
 
 
 def _claim_lines(claims: dict[str, dict]) -> list[str]:
+  width = max(len(c["comparison"]) for c in claims.values()) + 2
   return [
-      f"  {claim:<34}{c['comparison']:<42}{_ci(c['difference'], 100, True):>16}  {c['verdict']}"
+      f"  {claim:<42}{c['comparison']:<{width}}{_ci(c['difference'], 100, True):>16}  {c['verdict']}"
       for claim, c in claims.items()
   ]
 
 
+def _short(spec: str) -> str:
+  """A dataset spec with its file path cut to the last folder and file name, for plot titles."""
+  path = _data_file(spec)
+  if path is None:
+    return spec
+  return spec.removesuffix(path) + "/".join(Path(path).parts[-2:])
+
+
 def plot(summary: dict[str, Any], path: Path) -> None:
   """Per dataset: test accuracy (top) and weight AUC (bottom) of every method, with 95% intervals."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = runs.pyplot()
 
   specs = list(summary["datasets"])
   fig, axes = plt.subplots(2, len(specs), figsize=(5 * len(specs), 7), squeeze=False)
@@ -406,7 +459,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     means = np.array([a["mean"] for a in acc])
     ax.bar(METHODS, means, yerr=np.nan_to_num([a["half_width"] for a in acc]), color=colours, capsize=3)
     ax.set_ylim(max(0.0, means.min() - 0.1), min(1.0, means.max() + 0.05))
-    ax.set_title(spec if len(spec) < 40 else "..." + spec[-37:], fontsize=9)
+    ax.set_title(_short(spec), fontsize=9)
     ax.set_ylabel("test accuracy (95% CI)")
     ax.tick_params(axis="x", rotation=45, labelsize=7)
     auc = [methods[m]["auc"] for m in LEARNED]
@@ -418,33 +471,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("weight AUC, corrupt low (95% CI)")
     ax.tick_params(axis="x", rotation=45, labelsize=7)
   fig.suptitle(f"mts-benchmark, {len(summary['seeds'])} seeds")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-@contextlib.contextmanager
-def shared_compilation():
-  """Let seeds reuse each other's compiled training epochs through a temporary persistent compilation cache.
-
-  Each `train.fit` compiles its own epoch; the programs of different seeds are the same, so all but the
-  first load from the cache. Does nothing when the caller already configured a cache directory.
-  """
-  if jax.config.jax_compilation_cache_dir:
-    yield
-    return
-  settings = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-  saved = {name: getattr(jax.config, name) for name in settings}
-  with tempfile.TemporaryDirectory(prefix="mts-benchmark-xla-") as cache_dir:
-    compilation_cache.reset_cache()
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    try:
-      yield
-    finally:
-      for name, value in saved.items():
-        jax.config.update(name, value)
-      compilation_cache.reset_cache()
+  runs.save_figure(fig, path)
 
 
 def run(config: Config, out_dir: Path) -> dict[str, Any]:
@@ -452,15 +479,15 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
   runs.write_json(out_dir / "config.json", config)
   metrics = runs.MetricsLog(out_dir / "metrics.jsonl")
   per_seed: dict[str, dict[str, list[dict]]] = {}
-  with shared_compilation():
-    for spec, options in dataset_plan(config).items():
-      per_seed[spec] = {name: [] for name in METHODS}
-      for seed in config.seeds:
-        dataset = data.load(spec, seed=seed, **options)
-        for name, result in run_seed(config, spec, dataset, seed, metrics.write).items():
-          per_seed[spec][name].append(result)
+  for spec, options in dataset_plan(config).items():
+    per_seed[spec] = {name: [] for name in METHODS}
+    arms: dict[str, Arm] = {}
+    for seed in config.seeds:
+      dataset = data.load(spec, seed=seed, **options)
+      for name, result in run_seed(config, spec, dataset, seed, metrics.write, arms).items():
+        per_seed[spec][name].append(result)
   datasets = {spec: summarise_dataset(rows) for spec, rows in per_seed.items()}
-  summary = {"seeds": list(config.seeds), "datasets": datasets, "per_seed": per_seed}
+  summary = {"seeds": list(config.seeds), "datasets": datasets, "per_seed": per_seed, "paper_gains": PAPER_GAINS}
   if len(datasets) > 1:
     summary["overall"] = overall_claims(datasets)
   summary["table"] = format_table(summary)

@@ -199,10 +199,7 @@ def format_table(summary: dict[str, Any], per_seed: list[dict[str, Any]]) -> str
 
 def plot(summary: dict[str, Any], first: dict[str, Any], path: Path) -> None:
   """Left: AUC of every signal with 95% intervals. Right: per-tier distributions of the best six."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = runs.pyplot()
 
   names = sorted(summary["auc"], key=lambda k: summary["auc"][k]["mean"])
   best = sorted(names, key=lambda k: -abs(summary["auc"][k]["mean"] - 0.5))[:6]
@@ -222,9 +219,7 @@ def plot(summary: dict[str, Any], first: dict[str, Any], path: Path) -> None:
     sub.boxplot([first["values"][name][tier == t] for t in present], showfliers=False)
     sub.set_xticks(range(1, len(present) + 1), [tier_names[t][:10] for t in present], fontsize=6)
     sub.set_title(f"{name} (seed {first['seed']})", fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  runs.save_figure(fig, path)
 
 
 def run(config: Config, out_dir: Path) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import jax
@@ -14,6 +13,7 @@ import sklearn.datasets
 
 from metasel import data
 from metasel.data import sampling, synthetic, text
+from metasel_experiments import shared_data
 
 SPLITS = ("train", "val", "test")
 SMALL = {
@@ -23,13 +23,7 @@ SMALL = {
 }
 
 
-def _shared_data() -> Path:
-  """The shared real-text folder: $METASEL_SHARED_DATA, else ../shared/data beside the repository."""
-  env = os.environ.get("METASEL_SHARED_DATA")
-  return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-SHARED = _shared_data()
+SHARED = shared_data("")
 needs_shared = pytest.mark.skipif(
     not SHARED.is_dir(), reason=f"shared text data not found at {SHARED} (set METASEL_SHARED_DATA to its folder)"
 )

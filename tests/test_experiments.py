@@ -92,3 +92,33 @@ def test_signals_report_default_run_supports_the_readme(tmp_path):
   assert tiers["near_duplicate"]["redundancy_max_cosine"]["mean"] > 0.95
   assert tiers["pure_noise"]["embedding_norm"]["mean"] > 0.95
   assert tiers["near_duplicate"]["loss"]["mean"] < 0.5  # loss points the wrong way on near-duplicates
+
+
+def test_gsnr_sweep_rejects_bad_settings():
+  module = metasel_experiments.get("gsnr-sweep")
+  quick = module.get_config(quick=True)
+  with pytest.raises(ValueError, match="batch size 4096 is larger than the training split"):
+    module.check(dataclasses.replace(quick, batch_sizes=(8, 4096)))
+  with pytest.raises(ValueError, match="num_batches must be at least 2"):
+    module.check(dataclasses.replace(quick, num_batches=1))
+  with pytest.raises(ValueError, match="needs a classification dataset"):
+    module.check(dataclasses.replace(quick, dataset="sine", dataset_options={}))
+  with pytest.raises(ValueError, match="pass flatten=True"):
+    module.check(dataclasses.replace(quick, dataset="digits-synthetic", dataset_options={"flatten": False}))
+
+
+@pytest.mark.slow
+def test_gsnr_sweep_default_run_supports_the_readme(tmp_path):
+  """The README's GSNR results, from the full default run (about 4 minutes on 2 cores)."""
+  module = metasel_experiments.get("gsnr-sweep")
+  summary = module.run(module.get_config(), tmp_path)
+  for spec in ("mixture", "digits-synthetic"):
+    s = summary["datasets"][spec]
+    meta, model = s["slope"]["meta"], s["slope"]["model"]
+    assert meta["mean"] - meta["half_width"] > 0  # the meta-gradient's GSNR rises with the batch size ...
+    assert meta["mean"] + meta["half_width"] < 1  # ... but more slowly than for independent samples
+    assert model["mean"] - model["half_width"] > 0.5
+    traces = s["traces"]
+    small, large = min(traces), max(traces)
+    assert traces[small]["effective_batch_size_end"]["mean"] < traces[small]["effective_batch_size_start"]["mean"]
+    assert traces[small]["max_weight_end"]["mean"] > traces[large]["max_weight_end"]["mean"]

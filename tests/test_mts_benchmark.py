@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -40,8 +41,6 @@ def test_quick_run_reports_every_method_and_claim(quick_run):
 
 def test_metrics_log_holds_the_per_epoch_history_of_every_run(quick_run):
   _, out_dir = quick_run
-  import json
-
   records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
   config = MODULE.get_config(quick=True)
   runs = {(r["dataset"], r["method"], r["seed"]) for r in records}
@@ -96,7 +95,27 @@ def test_the_cli_dataset_replaces_the_list_with_its_options_on_top():
   MODULE.check(config)
 
 
-@pytest.mark.skipif(not Path(MODULE.AG_NEWS).is_file(), reason="AG News test split not in /work/shared/data")
+@pytest.mark.skipif(not Path(MODULE.AG_NEWS).is_file(), reason=f"AG News test split not found at {MODULE.AG_NEWS}")
 def test_the_ag_news_mixture_loads_with_corrupted_tiers():
   config = _quick(datasets=(MODULE.AG_NEWS_SPEC,))
   MODULE.check(config)
+
+
+@pytest.mark.slow
+def test_default_run_supports_the_readme(tmp_path):
+  """The README's MTS benchmark results, from the full default run (about 6 minutes on 2 cores)."""
+  summary = MODULE.run(MODULE.get_config(), tmp_path)
+  overall = {claim: value["verdict"] for claim, value in summary["overall"].items()}
+  assert overall["MTS beats no selection"] == "holds"
+  assert overall["new features improve MTS"] == "holds"
+  assert overall["MTS beats the strongest baseline"] == "no significant difference"
+  assert overall["larger batch improves MTS"] != "holds"
+  for spec in ("mixture", "digits-synthetic"):
+    methods = summary["datasets"][spec]["methods"]
+    for name in ("mts-small", "mts-large", "mts-features"):
+      assert methods[name]["auc"]["mean"] > 0.75  # MTS's weights rank corrupt samples low
+    assert methods["l2rw"]["auc"]["mean"] < methods["mts-large"]["auc"]["mean"]
+  mixture = summary["datasets"]["mixture"]["methods"]
+  batch_for_model = mixture["uniform-large"]["accuracy"]["mean"] - mixture["uniform"]["accuracy"]["mean"]
+  batch_for_mts = mixture["mts-large"]["accuracy"]["mean"] - mixture["mts-small"]["accuracy"]["mean"]
+  assert batch_for_model > batch_for_mts + 0.05  # the large batch helps plain training far more

@@ -19,6 +19,9 @@ def test_write_json_is_atomic_and_keeps_old_file_on_failure(tmp_path):
     runs.write_json(path, {"bad": object()})
   assert json.loads(path.read_text())["a"] == 1.5  # the earlier file survives
   assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary left behind
+  log = runs.MetricsLog(tmp_path / "metrics.jsonl")
+  log.write({"step": 1})
+  assert path.stat().st_mode & 0o777 == (tmp_path / "metrics.jsonl").stat().st_mode & 0o777  # same mode
 
 
 def test_new_run_dir_never_reuses_a_folder(tmp_path):

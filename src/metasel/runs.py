@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["new_run_dir", "write_json", "to_jsonable", "MetricsLog"]
+__all__ = ["new_run_dir", "write_json", "to_jsonable", "MetricsLog", "pyplot", "save_figure"]
 
 
 def to_jsonable(value: Any) -> Any:
@@ -35,6 +35,12 @@ def to_jsonable(value: Any) -> Any:
   return value
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def write_json(path: str | os.PathLike, value: Any) -> None:
   """Write `value` as indented JSON to `path` atomically."""
   path = Path(path)
@@ -44,6 +50,7 @@ def write_json(path: str | os.PathLike, value: Any) -> None:
     with os.fdopen(fd, "w") as f:
       json.dump(to_jsonable(value), f, indent=2, sort_keys=True)
       f.write("\n")
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; give results the usual mode
     os.replace(tmp, path)
   except BaseException:
     Path(tmp).unlink(missing_ok=True)
@@ -79,3 +86,20 @@ class MetricsLog:
     if not self.path.exists():
       return []
     return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def pyplot():
+  """matplotlib.pyplot on the non-interactive Agg backend, which writes files without a display."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+  """Lay out, save as PNG and close a matplotlib figure."""
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  pyplot().close(fig)
