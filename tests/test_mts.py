@@ -374,6 +374,8 @@ def test_bad_input_is_refused_clearly():
     mts.mts(MODEL, LOSS, feats, 1, steps=2, lookahead=False)
   with pytest.raises(ValueError, match="inner_learning_rate must be positive"):
     mts.mts(MODEL, LOSS, feats, 1, inner_learning_rate=0.0)
+  with pytest.raises(ValueError, match="feature table has NaN or inf in 1 rows .first: row 2."):
+    mts.table_features(np.where(np.arange(12).reshape(4, 3) == 7, np.nan, 1.0))
   dataset = _blobs()
   wrong_width = mts.mts(MODEL, LOSS, feats, 3)
   with pytest.raises(ValueError, match=r"features returned shape \(16, 1\); expected \(batch, 3\)"):

@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 Params = Any
-Batch = tuple[jax.Array, jax.Array]  # (x, y), batch axis 0
+Batches = tuple[jax.Array, jax.Array]  # (x (k, B, ...), y (k, B)): one batch per unrolled step
 PerSampleLoss = Callable[[Params, jax.Array, jax.Array], jax.Array]  # (params, x, y) -> (B,)
 InnerOptimizer = Callable[[jax.Array], optax.GradientTransformation]  # learning rate -> optimiser
 FeatureFn = Callable[[Params, StepContext], jax.Array]  # (model params, step context) -> (B, F)
@@ -139,7 +139,7 @@ def unroll(
     params: Params,
     opt_state: Any,
     weights: jax.Array,
-    batches: Batch,
+    batches: Batches,
     learning_rate: jax.Array | float,
     *,
     first_order: bool = False,
@@ -194,7 +194,7 @@ def hypergrad(
     inner_optimizer: InnerOptimizer,
     params: Params,
     opt_state: Any,
-    batches: Batch,
+    batches: Batches,
     learning_rate: jax.Array | float,
     *,
     mode: HypergradMode = "exact",
@@ -292,9 +292,13 @@ def position_features(model: nn.Module, loss_fn: persample.LossFn, num_classes: 
 
 def table_features(table: jax.Array | np.ndarray) -> FeatureFn:
   """Rows of a fixed per-sample table (N, F) for the batch, e.g. training dynamics from a uniform run."""
-  table = jnp.asarray(table, jnp.float32)
+  table = np.asarray(table, np.float32)
   if table.ndim != 2:
     raise ValueError(f"feature table must have shape (num_train, num_features), got {table.shape}")
+  if not np.all(np.isfinite(table)):
+    rows = np.flatnonzero(~np.all(np.isfinite(table), axis=1))
+    raise ValueError(f"feature table has NaN or inf in {len(rows)} rows (first: row {rows[0]}); expected finite values")
+  table = jnp.asarray(table)
   return lambda params, ctx: table[ctx.batch.indices]
 
 
@@ -315,8 +319,10 @@ def zscore(features: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 
 class MetaState(NamedTuple):
-  """A learned weighting's state: meta-network parameters, their optimiser state (over the flattened
-  parameters) and the number of skipped meta-steps."""
+  """A learned weighting's state: meta-network parameters, optimiser state and skipped meta-steps.
+
+  The optimiser state is that of the meta-parameters flattened into one vector.
+  """
 
   params: Params
   opt_state: Any
