@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metasel import gsnr, models, mts, persample, signals, train
+from metasel import gsnr, models, mts, persample, runs, signals, train
 
 INPUT_DIM, NUM_CLASSES = 2000, 4
 SWEEP_BATCH_SIZES = (16, 32, 64, 128, 256)
@@ -175,9 +175,7 @@ def main() -> None:
       **{k: round(v, 4) for k, v in sweeps.items()},
       "gsnr_loop_over_compiled": round(sweeps["gsnr_loop_s"] / sweeps["gsnr_sweep_s"], 2),
       "gsnr_jit_loop_over_compiled": round(sweeps["gsnr_jit_loop_s"] / sweeps["gsnr_sweep_s"], 2),
-      "backend": jax.default_backend(),
-      "device": str(jax.devices()[0].device_kind),
-      "jax_version": jax.__version__,
+      **runs.environment(),
   }
   print(json.dumps(report, indent=2))
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metasel import models, persample
+from metasel import models, persample, runs
 
 
 def _time_ms(fn, args, inner: int) -> float:
@@ -93,9 +93,7 @@ def main() -> None:
       "model": "MLP 2000-128-128-4",
       **mlp,
       "cnn": {"model": "CNN conv16-conv32-dense64-10 on 28x28x1", **cnn},
-      "backend": jax.default_backend(),
-      "device": str(jax.devices()[0].device_kind),
-      "jax_version": jax.__version__,
+      **runs.environment(),
   }
   print(json.dumps(report, indent=2))
 

@@ -1,7 +1,7 @@
 """GSNR sweep: how the signal-to-noise ratio of the MTS meta-gradient and of the model gradient grows with batch size.
 
-Command:   metasel run gsnr-sweep             (the main job; about 4 minutes on a 2-core CPU)
-Quick:     metasel run gsnr-sweep --quick     (seconds; used by the tests)
+Command:   metasel run gsnr-sweep             (the main job; about 2 minutes on a 2-core CPU)
+Quick:     metasel run gsnr-sweep --quick     (under a minute, mostly compilation; used by the tests)
 
 For each dataset and seed an MLP is warmed up with plain uniform training; then, at that point, the
 GSNR (`metasel.gsnr`: per-parameter mean^2 / variance over many mini-batches, and the aggregate
@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metasel import data, gsnr, models, mts, persample, runs, stats, train
+from metasel_experiments import load_checked
 
 NAME = "gsnr-sweep"
 
@@ -108,9 +109,7 @@ def check(config: Config) -> None:
   if not config.inner_learning_rate > 0:
     raise ValueError(f"inner_learning_rate must be positive, got {config.inner_learning_rate!r}")
   for spec, options in plan.items():
-    dataset = data.load(spec, seed=config.seeds[0], **options)
-    if dataset.task != "classification":
-      raise ValueError(f"gsnr-sweep needs a classification dataset, got regression data {spec!r}")
+    dataset = load_checked(NAME, spec, options, config.seeds[0])
     if len(dataset.input_shape) != 1:
       raise ValueError(
           f"gsnr-sweep trains an MLP on flat features, but {spec!r} has samples of shape {dataset.input_shape};"

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metasel import data, models, mts, runs, signals, stats, train
-from metasel_experiments import shared_data
+from metasel_experiments import load_checked, shared_data
 
 NAME = "mts-benchmark"
 AG_NEWS = str(shared_data("ag_news/test.csv"))
@@ -179,15 +179,7 @@ def check(config: Config) -> None:
       raise FileNotFoundError(
           f"dataset {spec!r} reads {path}, which does not exist; provide the file or drop {spec!r} from datasets"
       )
-    dataset = data.load(spec, seed=config.seeds[0], **options)
-    if dataset.task != "classification":
-      raise ValueError(f"mts-benchmark needs a classification dataset, got regression data {spec!r}")
-    if np.all(dataset.train.tier == data.CLEAN_TIER):
-      raise ValueError(
-          f"mts-benchmark scores learned weights against known corruption, but {spec!r} has only clean"
-          " training samples; expected a dataset with quality tiers such as mixture, digits-synthetic or"
-          " corrupted:SPEC"
-      )
+    dataset = load_checked(NAME, spec, options, config.seeds[0], needs_tiers=True)
     for batch_size in (config.small_batch, config.large_batch):
       try:
         train_config(config, batch_size, config.seeds[0]).check(dataset)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metasel import data, models, persample, runs, signals, stats, train
+from metasel_experiments import load_checked
 
 NAME = "signals-report"
 
@@ -67,14 +68,7 @@ def check(config: Config) -> None:
   """Raise a clear error for a configuration that cannot run, before any training or writing."""
   if not config.seeds:
     raise ValueError("seeds must name at least one seed, got none")
-  dataset = data.load(config.dataset, seed=config.seeds[0], **config.dataset_options)
-  if dataset.task != "classification":
-    raise ValueError(f"signals-report needs a classification dataset, got regression data {config.dataset!r}")
-  if np.all(dataset.train.tier == data.CLEAN_TIER):
-    raise ValueError(
-        f"signals-report scores signals against known corruption, but {config.dataset!r} has only clean"
-        " training samples; expected a dataset with quality tiers such as mixture or digits-synthetic"
-    )
+  dataset = load_checked(NAME, config.dataset, config.dataset_options, config.seeds[0], needs_tiers=True)
   if config.model not in MODELS:
     raise ValueError(f"unknown model {config.model!r}; expected one of {sorted(MODELS)}")
   if config.model == "cnn" and len(dataset.input_shape) != 3:

@@ -109,7 +109,7 @@ def test_gsnr_sweep_rejects_bad_settings():
 
 @pytest.mark.slow
 def test_gsnr_sweep_default_run_supports_the_readme(tmp_path):
-  """The README's GSNR results, from the full default run (about 4 minutes on 2 cores)."""
+  """The README's GSNR results, from the full default run (about 2 minutes on 2 cores)."""
   module = metasel_experiments.get("gsnr-sweep")
   summary = module.run(module.get_config(), tmp_path)
   for spec in ("mixture", "digits-synthetic"):

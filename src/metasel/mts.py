@@ -7,7 +7,7 @@ through those steps (the hypergradient). Three ways to take that gradient:
 * "exact": reverse-mode autodiff through the `lax.scan` of the k steps (optionally rematerialised
   step by step with `jax.checkpoint`, so memory does not grow with the unrolled activations).
 * "first_order": the same, but with every inner step's gradient taken at `stop_gradient(params)`,
-  which drops the Hessian terms; exact for one SGD step, an approximation for k > 1 or adaptive steps.
+  which drops the Hessian terms: exact for one step of any optimiser, an approximation for k > 1.
 * "finite_difference": DARTS' central difference along the inner update's direction, for one step.
 
 The methods `uniform`, `l2rw`, `mwn` and `mts` are `metasel.train.Method`s, usable in `train.fit`.

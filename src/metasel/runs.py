@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["new_run_dir", "write_json", "to_jsonable", "MetricsLog", "pyplot", "save_figure"]
+__all__ = ["new_run_dir", "write_json", "to_jsonable", "MetricsLog", "pyplot", "save_figure", "environment"]
 
 
 def to_jsonable(value: Any) -> Any:
@@ -103,3 +103,10 @@ def save_figure(fig, path: str | os.PathLike) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   pyplot().close(fig)
+
+
+def environment() -> dict[str, str]:
+  """Where numbers were measured: JAX's backend, the first device's kind and the JAX version."""
+  import jax
+
+  return {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind), "jax_version": jax.__version__}
