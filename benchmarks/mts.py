@@ -91,13 +91,14 @@ def sweep_times(model, val_batch: int, num_batches: int) -> dict[str, float]:
   params = models.init_params(model, jax.random.key(1), (INPUT_DIM,))
   meta_net = mts.MetaNet()
   meta_params = meta_net.init(jax.random.key(6), jnp.zeros((1, 1)))["params"]
+  features = mts.loss_features(model, loss_fn)
 
   def meta_grad(params, batch):
     model_params, meta_params = params
     bx, by, vx, vy = batch
     ctx = train.StepContext(model_params, train.Batch(jnp.zeros_like(by), bx, by), vx, vy, jax.random.key(0))
-    feats = mts.zscore(mts.loss_features(model, loss_fn)(model_params, ctx))
-    weigh = lambda phi: mts.normalize(meta_net.apply({"params": phi}, feats))
+    inputs = mts.meta_inputs(features, 1, meta_net, ctx)
+    weigh = lambda phi: mts.meta_weights(meta_net, phi, inputs)
     return mts.batch_hypergrad(model, loss_fn, weigh, meta_params, ctx).grads
 
   def draw(key, pool, batch_size):

@@ -165,14 +165,12 @@ def _meta_grad(problem: Problem, params, batch):
   model_params, meta_params, val_x, val_y = params
   x, y, groups, key = batch
   val_rows = jax.random.choice(key, val_x.shape[0], (problem.config.val_batch_size,), replace=False)
-  ctx = train.StepContext(model_params, train.Batch(jnp.zeros_like(y), x, y), val_x[val_rows], val_y[val_rows], key)
-  feats = mts.zscore(problem.features(model_params, ctx))
-
-  def weigh(meta_params):
-    return mts.normalize(problem.meta_net.apply({"params": meta_params}, feats, y, groups))
-
+  batch = train.Batch(jnp.zeros_like(y), x, y, groups)
+  ctx = train.StepContext(model_params, batch, val_x[val_rows], val_y[val_rows], key)
+  inputs = mts.meta_inputs(problem.features, problem.num_features, problem.meta_net, ctx)
   hg = mts.batch_hypergrad(
-      problem.model, problem.loss_fn, weigh, meta_params, ctx, inner_learning_rate=problem.config.inner_learning_rate
+      problem.model, problem.loss_fn, lambda phi: mts.meta_weights(problem.meta_net, phi, inputs), meta_params, ctx,
+      inner_learning_rate=problem.config.inner_learning_rate,
   )
   return hg.grads
 

@@ -197,6 +197,7 @@ class Arm(NamedTuple):
   method: train.Method
   batch_size: int
   features: mts.FeatureFn | None = None
+  num_features: int = 0
   meta_net: mts.MetaNet | None = None
   standardize: bool = True
 
@@ -218,7 +219,7 @@ def make_arm(name: str, config: Config, model, dataset: data.Dataset, table: np.
     return Arm(mts.l2rw(model, loss_fn), batch_size)
   if name == "mwn":
     net = mts.MetaNet(hidden=(100,))
-    return Arm(mts.mwn(model, loss_fn, meta_net=net), batch_size, mts.loss_features(model, loss_fn), net, False)
+    return Arm(mts.mwn(model, loss_fn, meta_net=net), batch_size, mts.loss_features(model, loss_fn), 1, net, False)
   net = mts.MetaNet(num_classes=dataset.num_classes, num_groups=2)
   features, width = mts.loss_features(model, loss_fn), 1
   if name == "mts-features":
@@ -227,7 +228,7 @@ def make_arm(name: str, config: Config, model, dataset: data.Dataset, table: np.
     )
     width = 1 + 5 + table.shape[1]
   method = mts.mts(model, loss_fn, features, width, meta_net=net, name=name)
-  return Arm(method, batch_size, features, net)
+  return Arm(method, batch_size, features, width, net)
 
 
 def reference_batch(dataset: data.Dataset, size: int, seed: int) -> tuple[jax.Array, jax.Array]:
@@ -250,14 +251,11 @@ def pool_scores(arm: Arm, model, dataset: data.Dataset, fit: train.FitResult, va
       return -mts.batch_hypergrad(model, loss_fn, lambda eps: eps, zero, ctx, inner_learning_rate=1.0).grads
 
     return np.asarray(scores(ctx))
-  labels = batch.y if arm.meta_net.num_classes else None
-  groups = batch.groups if arm.meta_net.num_groups else None
 
   @jax.jit
   def scores(meta_params, ctx):
-    feats = arm.features(ctx.params, ctx)
-    feats = mts.zscore(feats) if arm.standardize else feats
-    return arm.meta_net.apply({"params": meta_params}, feats, labels, groups)
+    inputs = mts.meta_inputs(arm.features, arm.num_features, arm.meta_net, ctx, standardize=arm.standardize)
+    return arm.meta_net.apply({"params": meta_params}, *inputs)
 
   return np.asarray(scores(fit.state.method_state.params, ctx))
 

@@ -56,8 +56,8 @@ def meta_grad(both, batch):
   model_params, phi = both
   bx, by = batch
   ctx = train.StepContext(model_params, train.Batch(jnp.zeros_like(by), bx, by), val_x, val_y, jax.random.key(0))
-  feats = mts.zscore(per_sample_loss(model_params, bx, by)[:, None])
-  weigh = lambda phi: mts.normalize(meta_net.apply({"params": phi}, feats))
+  inputs = mts.meta_inputs(mts.loss_features(model, loss_fn), 1, meta_net, ctx)
+  weigh = lambda phi: mts.meta_weights(meta_net, phi, inputs)
   return mts.batch_hypergrad(model, loss_fn, weigh, phi, ctx, inner_learning_rate=lr).grads
 
 

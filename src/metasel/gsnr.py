@@ -23,6 +23,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from metasel.data.sources import check_int
+
 __all__ = [
     "GradFn",
     "DrawBatch",
@@ -81,14 +83,9 @@ def _leading_size(tree, what: str) -> int:
   return sizes.pop()
 
 
-def _check_num(name: str, value, minimum: int) -> None:
-  if not _is_int(value) or value < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 def _check_chunk_size(chunk_size) -> None:
   if chunk_size is not None:
-    _check_num("chunk_size", chunk_size, 1)
+    check_int("chunk_size", chunk_size)
 
 
 def _as_float(leaf) -> jax.Array:
@@ -164,7 +161,7 @@ def draw_rows(key: jax.Array, data, batch_size: int):
   a uniform random subset in random order, which on CPU costs a fraction of a full permutation.
   """
   num_rows = _leading_size(data, "data")
-  _check_num("batch_size", batch_size, 1)
+  check_int("batch_size", batch_size)
   if batch_size > num_rows:
     raise ValueError(
         f"batch_size {batch_size} exceeds the pool of {num_rows} rows; cannot draw without replacement"
@@ -216,7 +213,7 @@ def sweep(
   """
   batch_sizes = tuple(batch_sizes)
   pool = _pool_size(data)
-  _check_num("num_batches", num_batches, 2)
+  check_int("num_batches", num_batches, minimum=2)
   _check_chunk_size(chunk_size)
   for b in batch_sizes:
     if not _is_int(b) or b < 1:
@@ -251,7 +248,7 @@ def from_per_sample(per_sample_grads, batch_size: int) -> GSNR:
   num = _leading_size(per_sample_grads, "per_sample_grads")
   if num < 2:
     raise ValueError(f"from_per_sample needs at least 2 per-sample gradients, got {num}")
-  _check_num("batch_size", batch_size, 1)
+  check_int("batch_size", batch_size)
   means, variances = _moments(per_sample_grads)
   g = _from_moments(means, variances, num)
   return g._replace(

@@ -26,6 +26,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from metasel import persample, signals
+from metasel.data.sources import check_int
 from metasel.train import Method, StepContext, uniform, weight_diagnostics
 
 __all__ = [
@@ -44,6 +45,9 @@ __all__ = [
     "table_features",
     "concat_features",
     "zscore",
+    "MetaInputs",
+    "meta_inputs",
+    "meta_weights",
     "MetaState",
     "uniform",
     "l2rw",
@@ -318,6 +322,36 @@ def zscore(features: jax.Array, eps: float = 1e-6) -> jax.Array:
 # Methods
 
 
+MetaInputs = tuple[jax.Array, jax.Array | None, jax.Array | None]  # features (B, F), labels, groups
+
+
+def meta_inputs(
+    features: FeatureFn, num_features: int, meta_net: MetaNet, ctx: StepContext, *, standardize: bool = True
+) -> MetaInputs:
+  """What the meta-network sees for the step's batch: its features (B, F), labels and groups.
+
+  The features are constants for the meta-gradient (`stop_gradient`) and z-scored over the batch when
+  `standardize`; labels and groups are given only when `meta_net` embeds them (else None).
+  """
+  feats = jax.lax.stop_gradient(features(ctx.params, ctx))
+  if feats.ndim != 2 or feats.shape[-1] != num_features:
+    raise ValueError(
+        f"features returned shape {feats.shape}; expected (batch, {num_features}) to match num_features"
+    )
+  feats = zscore(feats) if standardize else feats
+  if meta_net.num_groups and ctx.batch.groups is None:
+    raise ValueError(
+        "meta_net embeds real/synthetic groups (num_groups > 0) but the batch has none; expected"
+        " Batch.groups, which the training loop fills from Split.groups"
+    )
+  return feats, ctx.batch.y if meta_net.num_classes else None, ctx.batch.groups if meta_net.num_groups else None
+
+
+def meta_weights(meta_net: MetaNet, meta_params: Params, inputs: MetaInputs, normalization: Normalization = "sum") -> jax.Array:
+  """The batch's normalised weights (B,) from the meta-network's raw weights on `meta_inputs`."""
+  return normalize(meta_net.apply({"params": meta_params}, *inputs), normalization)
+
+
 class MetaState(NamedTuple):
   """A learned weighting's state: meta-network parameters, optimiser state and skipped meta-steps.
 
@@ -330,11 +364,12 @@ class MetaState(NamedTuple):
 
 
 def _per_sample_loss(model: nn.Module, loss_fn: persample.LossFn) -> PerSampleLoss:
-  return lambda params, x, y: loss_fn(model.apply({"params": params}, x)[0], y)
+  return lambda params, x, y: persample.losses(model, params, x, y, loss_fn)
 
 
 def _outer_loss(model, loss_fn, ctx: StepContext) -> Callable[[Params], jax.Array]:
-  return lambda params: jnp.mean(loss_fn(model.apply({"params": params}, ctx.val_x)[0], ctx.val_y))
+  """The mean loss of the step's clean validation batch as a function of the model's params."""
+  return lambda params: jnp.mean(persample.losses(model, params, ctx.val_x, ctx.val_y, loss_fn))
 
 
 def _repeat(tree, k: int):
@@ -433,8 +468,8 @@ def mts(
   """
   meta_net = meta_net or MetaNet()
   meta_optimizer = meta_optimizer or optax.adamw(1e-3, weight_decay=1e-4)
-  _check_int("steps", steps)
-  _check_int("num_features", num_features)
+  check_int("steps", steps)
+  check_int("num_features", num_features)
   _check_choice("normalization", normalization, NORMALIZATIONS)
   _check_choice("mode", mode, HYPERGRAD_MODES)
   if mode == "finite_difference" and steps != 1:
@@ -447,22 +482,11 @@ def mts(
   if not inner_learning_rate > 0:
     raise ValueError(f"inner_learning_rate must be positive, got {inner_learning_rate!r}")
 
-  def meta_inputs(ctx):
-    feats = jax.lax.stop_gradient(features(ctx.params, ctx))
-    if feats.ndim != 2 or feats.shape[-1] != num_features:
-      raise ValueError(
-          f"features returned shape {feats.shape}; expected (batch, {num_features}) to match num_features"
-      )
-    feats = zscore(feats) if standardize else feats
-    if meta_net.num_groups and ctx.batch.groups is None:
-      raise ValueError(
-          "meta_net embeds real/synthetic groups (num_groups > 0) but the batch has none; expected"
-          " Batch.groups, which the training loop fills from Split.groups"
-      )
-    return feats, ctx.batch.y if meta_net.num_classes else None, ctx.batch.groups if meta_net.num_groups else None
+  def inputs_of(ctx):
+    return meta_inputs(features, num_features, meta_net, ctx, standardize=standardize)
 
   def weigh(meta_params, inputs):  # (B,)
-    return normalize(meta_net.apply({"params": meta_params}, *inputs), normalization)
+    return meta_weights(meta_net, meta_params, inputs, normalization)
 
   def init(key, num_train):
     labels = jnp.zeros((1,), jnp.int32) if meta_net.num_classes else None
@@ -490,7 +514,7 @@ def mts(
     return new_state, {"meta/grad_norm": jnp.linalg.norm(safe_grads), "meta/skipped": new_state.skipped}
 
   def lookahead_weights(state, ctx):
-    inputs = meta_inputs(ctx)
+    inputs = inputs_of(ctx)
     hg = batch_hypergrad(
         model, loss_fn, lambda meta_params: weigh(meta_params, inputs), state.params, ctx,
         inner_optimizer=inner_optimizer, inner_learning_rate=inner_learning_rate, steps=steps, mode=mode,
@@ -500,7 +524,7 @@ def mts(
     return weigh(state.params, inputs), state, {"meta/val_loss": hg.outer_loss, **metrics}
 
   def online_weights(state, ctx):
-    inputs = meta_inputs(ctx)
+    inputs = inputs_of(ctx)
     return weigh(state.params, inputs), (state, inputs), {}
 
   def online_update(carried, ctx, result):
@@ -525,11 +549,6 @@ def mwn(model: nn.Module, loss_fn: persample.LossFn, **options) -> Method:
   options.setdefault("standardize", False)
   options.setdefault("name", "mwn")
   return mts(model, loss_fn, loss_features(model, loss_fn), 1, **options)
-
-
-def _check_int(name: str, value: Any, minimum: int = 1) -> None:
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
