@@ -298,14 +298,18 @@ def evaluate(model: nn.Module, loss_fn: persample.LossFn, params, x: jax.Array, 
   return result
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=8)
 def _compiled_epoch(model, loss_fn, optimizer: str, learning_rate: float, method: Method, val_batch_size: int):
-  """The jitted epoch, shared by every run with the same model, optimiser and method (e.g. all seeds)."""
+  """The jitted epoch, shared by every run with the same model, optimiser and method (e.g. all seeds).
+
+  Only the few most recent are kept: each holds compiled programs, and a process that keeps hundreds
+  of them alive (a long test session) runs out of memory mappings.
+  """
   tx = make_optimizer(optimizer, learning_rate)
   return jax.jit(make_epoch(model, loss_fn, tx, method, val_batch_size), donate_argnums=0)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=8)
 def _compiled_evaluate(model, loss_fn):
   return jax.jit(lambda p, x, y: evaluate(model, loss_fn, p, x, y))
 
