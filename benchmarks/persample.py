@@ -13,22 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from metasel import models, persample, runs
-
-
-def _time_ms(fn, args, inner: int) -> float:
-  """Mean milliseconds per call over `inner` back-to-back calls of a compiled function."""
-  start = time.perf_counter()
-  for _ in range(inner):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / inner * 1e3
+from timing import time_ms
 
 
 def bench(model, input_shape, num_classes, batch: int, rounds: int, chunk_size: int | None) -> dict:
@@ -58,11 +49,11 @@ def bench(model, input_shape, num_classes, batch: int, rounds: int, chunk_size: 
   }
   outputs = {name: jax.block_until_ready(fn(*args)) for name, (fn, args) in fns.items()}  # compile
   # Calls per round: enough for ~50 ms of work, measured once on the compiled function.
-  inner = {name: max(1, int(50 / max(_time_ms(fn, args, 1), 1e-3))) for name, (fn, args) in fns.items()}
+  inner = {name: max(1, int(50 / max(time_ms(fn, args, 1), 1e-3))) for name, (fn, args) in fns.items()}
   samples = {name: [] for name in fns}
   for _ in range(rounds):
     for name, (fn, args) in fns.items():
-      samples[name].append(_time_ms(fn, args, inner[name]))
+      samples[name].append(time_ms(fn, args, inner[name]))
   result = {name: statistics.median(times) for name, times in samples.items()}
   plain_ms = result["plain_grad_ms"]
   vmap_dots = persample.grad_dots(model, params, x, y, ref, loss_fn, method="vmap", chunk_size=chunk_size)

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metasel import data, models, mts, runs, signals, stats, train
-from metasel_experiments import load_checked, shared_data
+from metasel_experiments import check_plan, data_file, dataset_plan, load_checked, shared_data
 
 NAME = "mts-benchmark"
 AG_NEWS = str(shared_data("ag_news/test.csv"))
@@ -125,13 +125,6 @@ def get_config(quick: bool = False) -> Config:
   )
 
 
-def dataset_plan(config: Config) -> dict[str, dict]:
-  """The datasets to run, each with its loader options."""
-  if config.dataset is not None:
-    return {config.dataset: {**config.options.get(config.dataset, {}), **config.dataset_options}}
-  return {spec: dict(config.options.get(spec, {})) for spec in config.datasets}
-
-
 def train_config(config: Config, batch_size: int, seed: int) -> train.TrainConfig:
   """The shared training settings at one batch size."""
   return train.TrainConfig(
@@ -140,29 +133,9 @@ def train_config(config: Config, batch_size: int, seed: int) -> train.TrainConfi
   )
 
 
-def _data_file(spec: str) -> str | None:
-  """The local file a spec reads ("corrupted:csv:PATH" -> PATH), or None for generated data."""
-  inner = spec.removeprefix("corrupted:")
-  kind, sep, target = inner.partition(":")
-  return target if sep and kind in ("csv", "tsv", "lines") else None
-
-
 def check(config: Config) -> None:
   """Raise a clear error for a configuration that cannot run, before any training or writing."""
-  if not config.seeds:
-    raise ValueError("seeds must name at least one seed, got none")
-  if config.dataset is None and config.dataset_options:
-    raise ValueError(
-        f"dataset_options {config.dataset_options!r} apply to `dataset`, which is not set; put per-dataset"
-        " options in `options` instead"
-    )
-  plan = dataset_plan(config)
-  if not plan:
-    raise ValueError("datasets must name at least one dataset, got none")
-  if config.dataset is None and len(set(config.datasets)) != len(config.datasets):
-    raise ValueError(f"datasets {config.datasets!r} name a dataset twice; expected distinct specs")
-  if not config.hidden or any(not isinstance(w, int) or w < 1 for w in config.hidden):
-    raise ValueError(f"hidden must be positive layer widths, got {config.hidden!r}")
+  plan = check_plan(config)
   if config.val_batch_size < POSITION_NEIGHBOURS:
     raise ValueError(
         f"val_batch_size={config.val_batch_size} is too small for the position features, which compare each"
@@ -174,11 +147,6 @@ def check(config: Config) -> None:
         " compares the two"
     )
   for spec, options in plan.items():
-    path = _data_file(spec)
-    if path is not None and not Path(path).expanduser().is_file():
-      raise FileNotFoundError(
-          f"dataset {spec!r} reads {path}, which does not exist; provide the file or drop {spec!r} from datasets"
-      )
     dataset = load_checked(NAME, spec, options, config.seeds[0], needs_tiers=True)
     for batch_size in (config.small_batch, config.large_batch):
       try:
@@ -314,16 +282,6 @@ def interval(values) -> dict[str, float]:
   return stats.mean_ci(values)._asdict()
 
 
-def verdict(diff: dict[str, float]) -> str:
-  """"holds" / "does not hold" when the 95% interval of a paired difference excludes 0, else no difference."""
-  low, high = diff["mean"] - diff["half_width"], diff["mean"] + diff["half_width"]
-  if np.isfinite(low) and low > 0:
-    return "holds"
-  if np.isfinite(high) and high < 0:
-    return "does not hold"
-  return "no significant difference"
-
-
 def _accuracies(per_seed: dict[str, list[dict]], name: str) -> np.ndarray:
   return np.array([r["accuracy"] for r in per_seed[name]])
 
@@ -351,7 +309,7 @@ def summarise_dataset(per_seed: dict[str, list[dict]]) -> dict[str, Any]:
   for claim, plus, minus in CLAIMS:
     diff = interval(_difference(acc, plus, minus))
     names = [best if name == BEST_BASELINE else name for name in (*plus, *minus)]
-    claims[claim] = {"comparison": _comparison(names, len(plus)), "difference": diff, "verdict": verdict(diff)}
+    claims[claim] = {"comparison": _comparison(names, len(plus)), "difference": diff, "verdict": stats.verdict(diff)}
   return {"methods": methods, "strongest_baseline": best, "gains": gains, "claims": claims, "accuracies": acc}
 
 
@@ -361,7 +319,7 @@ def overall_claims(per_dataset: dict[str, dict]) -> dict[str, Any]:
   for claim, plus, minus in CLAIMS:
     diff = interval(np.mean([_difference(d["accuracies"], plus, minus) for d in per_dataset.values()], axis=0))
     comparison = _comparison([*plus, *minus], len(plus)) + ", averaged"
-    out[claim] = {"comparison": comparison, "difference": diff, "verdict": verdict(diff)}
+    out[claim] = {"comparison": comparison, "difference": diff, "verdict": stats.verdict(diff)}
   return out
 
 
@@ -429,7 +387,7 @@ def _claim_lines(claims: dict[str, dict]) -> list[str]:
 
 def _short(spec: str) -> str:
   """A dataset spec with its file path cut to the last folder and file name, for plot titles."""
-  path = _data_file(spec)
+  path = data_file(spec)
   if path is None:
     return spec
   return spec.removesuffix(path) + "/".join(Path(path).parts[-2:])

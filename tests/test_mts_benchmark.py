@@ -49,13 +49,6 @@ def test_metrics_log_holds_the_per_epoch_history_of_every_run(quick_run):
   assert len(records) == len(runs) * config.epochs
 
 
-def test_verdicts_follow_the_interval_of_the_difference():
-  assert MODULE.verdict({"mean": 0.02, "half_width": 0.01}) == "holds"
-  assert MODULE.verdict({"mean": -0.02, "half_width": 0.01}) == "does not hold"
-  assert MODULE.verdict({"mean": 0.02, "half_width": 0.03}) == "no significant difference"
-  assert MODULE.verdict({"mean": 0.02, "half_width": float("nan")}) == "no significant difference"
-
-
 def _quick(**changes):
   return dataclasses.replace(MODULE.get_config(quick=True), **changes)
 

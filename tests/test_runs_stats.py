@@ -55,3 +55,12 @@ def test_auc_orientation_and_degenerate_labels():
   assert stats.auc(scores, [False, False, True, True]) == 1.0
   assert stats.auc(-scores, [False, False, True, True]) == 0.0
   assert np.isnan(stats.auc(scores, [True] * 4))
+
+
+def test_verdicts_follow_the_interval_of_the_difference():
+  assert stats.verdict({"mean": 0.02, "half_width": 0.01}) == "holds"
+  assert stats.verdict({"mean": -0.02, "half_width": 0.01}) == "does not hold"
+  assert stats.verdict({"mean": 0.02, "half_width": 0.03}) == "no significant difference"
+  assert stats.verdict({"mean": 0.02, "half_width": float("nan")}) == "no significant difference"
+  assert stats.verdict(stats.mean_ci([0.1, 0.12, 0.11])) == "holds"
+  assert stats.verdict(stats.mean_ci([-0.1, 0.12, 0.01])) == "no significant difference"

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 __all__ = [
     "GHOST_INPUTS",
     "GHOST_OUTPUTS",
+    "GHOST_UPDATE",
     "GhostDense",
     "GhostConv",
     "MLP",
@@ -33,6 +34,7 @@ __all__ = [
 
 GHOST_INPUTS = "ghost_inputs"
 GHOST_OUTPUTS = "ghost_outputs"
+GHOST_UPDATE = "ghost_update"
 
 
 class GhostDense(nn.Module):
@@ -43,6 +45,10 @@ class GhostDense(nn.Module):
   With neither collection passed to `apply` it behaves exactly like `flax.linen.Dense`.
   A `GhostDense` instance must be called once per forward pass (no weight sharing across calls),
   since its recorded input and output gradient describe a single use.
+
+  A `ghost_update` collection with entries "input" a (in,) and "output" delta (out,) applies the
+  rank-one change kernel + a delta^T, bias + delta without forming it: x a delta^T costs one product
+  with a, and x @ kernel stays shared when the change is vmapped over many samples' updates.
   """
 
   features: int
@@ -61,6 +67,11 @@ class GhostDense(nn.Module):
     y = x @ kernel  # (B, ..., features)
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,))
+    if self.has_variable(GHOST_UPDATE, "input"):
+      delta = self.get_variable(GHOST_UPDATE, "output")  # (features,)
+      y = y + (x @ self.get_variable(GHOST_UPDATE, "input"))[..., None] * delta
+      if self.use_bias:
+        y = y + delta
     self.sow(GHOST_INPUTS, "inputs", x)
     return self.perturb("outputs", y, collection=GHOST_OUTPUTS)
 

@@ -38,7 +38,11 @@ __all__ = [
     "squared_error",
     "losses",
     "embedding_norms",
+    "zero_perturbations",
+    "taped_forward",
+    "tape_of",
     "record",
+    "example_grad_fn",
     "grads",
     "grad_norms",
     "grad_dots",
@@ -102,12 +106,43 @@ class GhostTape(NamedTuple):
   output_grads: dict[Path, jax.Array]
 
 
-def _ghost_perturbations(model: nn.Module, params: Params, x: jax.Array):
-  """Zero perturbations with the shapes of every `GhostDense` output for this batch."""
+def zero_perturbations(model: nn.Module, params: Params, x: jax.Array) -> dict:
+  """Zero perturbations with the shapes of every ghost layer's output for this batch ({} for none)."""
   shapes = jax.eval_shape(
       lambda p, xb: model.apply({"params": p}, xb, mutable=[GHOST_OUTPUTS])[1], params, x
   )
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[GHOST_OUTPUTS])
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes.get(GHOST_OUTPUTS, {}))
+
+
+def taped_forward(model: nn.Module, params: Params, perturbations: dict, x: jax.Array, y: jax.Array, loss_fn: LossFn):
+  """Per-sample losses (B,) and `(outputs, embeddings, layer inputs)` of a forward pass with ghost perturbations.
+
+  Differentiating the losses with respect to `perturbations` gives each ghost layer's output gradients;
+  `jax.vjp` with respect to params and perturbations gives both from one backward pass.
+  """
+  (outputs, embeddings), recorded = model.apply(
+      {"params": params, GHOST_OUTPUTS: perturbations}, x, mutable=[GHOST_INPUTS]
+  )
+  return loss_fn(outputs, y), (outputs, embeddings, recorded.get(GHOST_INPUTS, {}))
+
+
+def tape_of(losses, outputs, embeddings, inputs, output_grads, *, strict: bool = True) -> GhostTape:
+  """A `GhostTape` from a `taped_forward` pass and the gradients of its perturbations.
+
+  A layer called more than once in the pass has no single input to pair with its output gradient:
+  `strict` raises for it, otherwise it is left off the tape.
+  """
+  flat_inputs, flat_grads = {}, {key[:-1]: g for key, g in traverse_util.flatten_dict(output_grads).items()}
+  for key, calls in traverse_util.flatten_dict(inputs).items():
+    if len(calls) == 1:
+      flat_inputs[key[:-1]] = calls[0]
+    elif strict:
+      raise ValueError(
+          f"GhostDense layer {'/'.join(key[:-1])} was called {len(calls)} times in one forward pass;"
+          " the ghost identity needs each layer used once"
+      )
+  flat_grads = {path: g for path, g in flat_grads.items() if path in flat_inputs}
+  return GhostTape(losses, outputs, embeddings, flat_inputs, flat_grads)
 
 
 def record(model: nn.Module, params: Params, x: jax.Array, y: jax.Array, loss_fn: LossFn) -> GhostTape:
@@ -117,28 +152,14 @@ def record(model: nn.Module, params: Params, x: jax.Array, y: jax.Array, loss_fn
   gradient: the (B x in x out) weight-gradient products are never formed.
   """
   _check_batch(x, y)
-  perturbations = _ghost_perturbations(model, params, x)
+  perturbations = zero_perturbations(model, params, x)
 
   def summed_loss(perturbations):
-    (outputs, embeddings), recorded = model.apply(
-        {"params": params, GHOST_OUTPUTS: perturbations}, x, mutable=[GHOST_INPUTS]
-    )
-    per_sample = loss_fn(outputs, y)
-    return jnp.sum(per_sample), (per_sample, outputs, embeddings, recorded[GHOST_INPUTS])
+    per_sample, aux = taped_forward(model, params, perturbations, x, y, loss_fn)
+    return jnp.sum(per_sample), (per_sample, *aux)
 
-  output_grads, (per_sample, outputs, embeddings, inputs) = jax.grad(summed_loss, has_aux=True)(
-      perturbations
-  )
-  flat_inputs = {}
-  for key, calls in traverse_util.flatten_dict(inputs).items():
-    if len(calls) != 1:
-      raise ValueError(
-          f"GhostDense layer {'/'.join(key[:-1])} was called {len(calls)} times in one forward pass;"
-          " the ghost identity needs each layer used once"
-      )
-    flat_inputs[key[:-1]] = calls[0]
-  flat_grads = {key[:-1]: g for key, g in traverse_util.flatten_dict(output_grads).items()}
-  return GhostTape(per_sample, outputs, embeddings, flat_inputs, flat_grads)
+  output_grads, (per_sample, outputs, embeddings, inputs) = jax.grad(summed_loss, has_aux=True)(perturbations)
+  return tape_of(per_sample, outputs, embeddings, inputs, output_grads)
 
 
 def _split_params(params: Params, ghost_paths) -> tuple[dict, dict]:
@@ -156,8 +177,11 @@ def _per_example_map(fn, x, y, chunk_size: int | None):
   return jax.lax.map(lambda xy: fn(*xy), (x, y), batch_size=chunk_size)
 
 
-def _example_grad_fn(model, loss_fn, frozen: dict):
-  """`(trainable, x_i, y_i) -> grad` of one example's loss w.r.t. the `trainable` flat params."""
+def example_grad_fn(model: nn.Module, loss_fn: LossFn, frozen: dict):
+  """`(trainable, x_i, y_i) -> grad`: one example's loss gradient w.r.t. the `trainable` flat params.
+
+  Params are flat dicts (`flax.traverse_util.flatten_dict`); `frozen` holds the others.
+  """
 
   def example_loss(trainable, x_i, y_i):
     params = traverse_util.unflatten_dict({**frozen, **trainable})
@@ -197,7 +221,7 @@ def _vmap_reduce(model, loss_fn, params, x, y, reduce, *, only: dict | None, chu
   flat = traverse_util.flatten_dict(params)
   trainable = flat if only is None else only
   frozen = {k: v for k, v in flat.items() if k not in trainable}
-  grad_fn = _example_grad_fn(model, loss_fn, frozen)
+  grad_fn = example_grad_fn(model, loss_fn, frozen)
   return _per_example_map(lambda x_i, y_i: reduce(grad_fn(trainable, x_i, y_i)), x, y, chunk_size)
 
 
@@ -256,6 +280,7 @@ def grad_norms(
     *,
     method: Method = "ghost",
     chunk_size: int | None = None,
+    tape: GhostTape | None = None,
 ) -> jax.Array:
   """L2 norms (B,) of each sample's loss gradient with respect to all of `params`.
 
@@ -266,12 +291,13 @@ def grad_norms(
     loss_fn: per-sample loss `(outputs, targets) -> (B,)`.
     method: "ghost" (exact ghost identity on dense layers, chunked vmap on the rest) or "vmap".
     chunk_size: examples per vmapped chunk on the vmap path (None: the whole batch at once).
+    tape: a `record` of this batch at `params` to reuse on the ghost path (recorded here when None).
   """
   _check_method(method)
   _check_batch(x, y)
   if method == "vmap":
     return jnp.sqrt(_vmap_reduce(model, loss_fn, params, x, y, _tree_sq_norm, only=None, chunk_size=chunk_size))
-  tape = record(model, params, x, y, loss_fn)
+  tape = record(model, params, x, y, loss_fn) if tape is None else tape
   ghost, other = _split_params(params, set(tape.inputs))
   sq = _ghost_sq_norms(tape, ghost)
   if other:

@@ -1,4 +1,4 @@
-"""Summaries across seeds: mean with a Student-t confidence interval, and AUC of a score."""
+"""Summaries across seeds: mean with a Student-t confidence interval, its verdict, and AUC of a score."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import scipy.stats
 from sklearn.metrics import roc_auc_score
 
-__all__ = ["Interval", "mean_ci", "auc"]
+__all__ = ["Interval", "mean_ci", "verdict", "auc"]
 
 
 class Interval(NamedTuple):
@@ -37,6 +37,16 @@ def mean_ci(values, level: float = 0.95) -> Interval:
     return Interval(float(values[0]), float("nan"), 1)
   sem = values.std(ddof=1) / np.sqrt(n)
   return Interval(float(values.mean()), float(scipy.stats.t.ppf(0.5 + level / 2, n - 1) * sem), n)
+
+
+def verdict(interval: Interval | dict) -> str:
+  """"holds" / "does not hold" when an interval of a difference lies above / below 0, else "no significant difference"."""
+  mean, half = (interval["mean"], interval["half_width"]) if isinstance(interval, dict) else interval[:2]
+  if np.isfinite(mean - half) and mean - half > 0:
+    return "holds"
+  if np.isfinite(mean + half) and mean + half < 0:
+    return "does not hold"
+  return "no significant difference"
 
 
 def auc(scores, positive) -> float:

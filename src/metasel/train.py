@@ -61,7 +61,8 @@ class StepContext(NamedTuple):
   """What a method may look at in one step: model params, the batch, a clean validation batch, a key.
 
   The loop also fills in its own forward pass on the batch at `params` (per-sample `losses` (B,),
-  `outputs` (B, O) and `embeddings` (B, D)), so methods need not run the model again for them.
+  `outputs` (B, O) and `embeddings` (B, D)), so methods need not run the model again for them, and
+  the whole training pool (`train_x` (N, ...), `train_y` (N,)) for methods that score or probe it.
   """
 
   params: Any
@@ -72,6 +73,8 @@ class StepContext(NamedTuple):
   losses: jax.Array | None = None
   outputs: jax.Array | None = None
   embeddings: jax.Array | None = None
+  train_x: jax.Array | None = None
+  train_y: jax.Array | None = None
 
 
 class StepResult(NamedTuple):
@@ -83,11 +86,15 @@ class StepResult(NamedTuple):
     weight_vjp: `cotangent on params -> (B,)`: how the new params depend on each sample's weight, e.g.
       with the gradient of a validation loss at `params` it gives d L_val(params) / d w_i exactly, for
       the loop's own optimiser and its state.
+    tape: the step's `persample.GhostTape` at the params before the step, from its own forward and
+      backward pass: every ghost layer's per-sample inputs and loss-to-output gradients (zero for a
+      sample of weight zero), from which per-sample gradient norms and dot products follow.
   """
 
   losses: jax.Array
   params: Any
   weight_vjp: Callable[[Any], jax.Array]
+  tape: persample.GhostTape | None = None
 
 
 class Method(NamedTuple):
@@ -223,6 +230,13 @@ def _check_finite(dataset: Dataset) -> None:
       )
 
 
+def _per_unit_weight(output_grads, weights: jax.Array):
+  """Per-sample output gradients of the weighted loss divided by each weight w_i (zero where w_i = 0)."""
+  positive = weights > 0
+  scale = jnp.where(positive, 1.0 / jnp.where(positive, weights, 1.0), 0.0)  # (B,)
+  return jax.tree.map(lambda g: g * scale.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype), output_grads)
+
+
 def make_epoch(
     model: nn.Module,
     loss_fn: persample.LossFn,
@@ -249,28 +263,35 @@ def make_epoch(
     batch_groups = groups[0][batch_indices] if groups else None
     batch = Batch(batch_indices, train_x[batch_indices], train_y[batch_indices], batch_groups)
     val_rows = jax.random.choice(val_key, val_x.shape[0], (val_batch_size,), replace=False)
-    def forward(params):
-      outputs, embeddings = model.apply({"params": params}, batch.x)
-      return loss_fn(outputs, batch.y), (outputs, embeddings)
+    def forward(params, perturbations):
+      return persample.taped_forward(model, params, perturbations, batch.x, batch.y, loss_fn)
 
-    # One forward pass serves the method (losses, outputs, embeddings) and the weighted gradient.
-    per_sample, pullback, (outputs, embeddings) = jax.vjp(forward, state.params, has_aux=True)
+    # One forward pass serves the method (losses, outputs, embeddings) and the weighted gradient; its
+    # zero perturbations make the same backward pass yield every ghost layer's output gradients.
+    perturbations = persample.zero_perturbations(model, state.params, batch.x)
+    per_sample, pullback, (outputs, embeddings, layer_inputs) = jax.vjp(
+        forward, state.params, perturbations, has_aux=True
+    )
     ctx = StepContext(
-        state.params, batch, val_x[val_rows], val_y[val_rows], method_key, per_sample, outputs, embeddings
+        state.params, batch, val_x[val_rows], val_y[val_rows], method_key, per_sample, outputs, embeddings,
+        train_x, train_y,
     )
     weights, method_state, weight_metrics = method.weights(state.method_state, ctx)
 
     def model_step(weights):
-      (grads,) = pullback(weights)  # gradient of sum_i w_i l_i
+      grads, output_grads = pullback(weights)  # gradients of sum_i w_i l_i
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      return optax.apply_updates(state.params, updates), (grads, updates, opt_state)
+      return optax.apply_updates(state.params, updates), (grads, updates, opt_state, output_grads)
 
     # The step's VJP costs nothing unless a method asks how the new params depend on the weights.
-    params, step_vjp, (grads, updates, opt_state) = jax.vjp(model_step, weights, has_aux=True)
+    params, step_vjp, (grads, updates, opt_state, output_grads) = jax.vjp(model_step, weights, has_aux=True)
+    tape = persample.tape_of(
+        per_sample, outputs, embeddings, layer_inputs, _per_unit_weight(output_grads, weights), strict=False
+    )
     loss = jnp.sum(weights * per_sample)
     logits, labels = (outputs, batch.y) if jnp.issubdtype(batch.y.dtype, jnp.integer) else (None, None)
     tracker = signals.tracker_update(state.tracker, batch.indices, per_sample, logits, labels)
-    result = StepResult(per_sample, params, lambda cotangent: step_vjp(cotangent)[0])
+    result = StepResult(per_sample, params, lambda cotangent: step_vjp(cotangent)[0], tape)
     method_state, update_metrics = method.update(method_state, ctx, result)
     metrics = {
         "loss": loss,

@@ -4,18 +4,19 @@ Mixtures record each sample's true quality tier, so a selection method can be sc
 (e.g. AUC of learned weights against clean/corrupt), and its group (real 0, synthetic 1), so it can
 be scored per origin. In a mixture's train split the real rows come first, then the synthetic rows
 (shuffled); `val` and `test` hold clean real data only. `corrupted_mixture` makes such a mixture out
-of any clean classification dataset.
+of any clean classification dataset, and `label_noise` flips a fraction of any such dataset's training labels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
 import sklearn.datasets
 
 from metasel.data import sources
-from metasel.data.dataset import MIXED_GROUPS, REAL_GROUP, SYNTHETIC_GROUP, Dataset
+from metasel.data.dataset import CLEAN_TIER, MIXED_GROUPS, REAL_GROUP, SYNTHETIC_GROUP, Dataset
 
 MIXTURE_TIERS = ("clean", "label_noise", "feature_shift", "near_duplicate", "pure_noise")
 DIGITS_TIERS = ("clean", "pixel_noise", "blur", "shift", "label_flip")
@@ -374,3 +375,30 @@ def _translate(images: np.ndarray, steps: np.ndarray) -> np.ndarray:
   inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
   out = images[np.arange(n)[:, None, None], np.clip(rows, 0, h - 1)[:, :, None], np.clip(cols, 0, w - 1)[:, None, :]]
   return np.where(inside, out, 0.0).astype(images.dtype)
+
+
+LABEL_NOISE_TIERS = ("clean", "label_flip")
+
+
+def label_noise(dataset: Dataset, fraction: float, *, seed: int = 0) -> Dataset:
+  """`dataset` with the labels of `fraction` of its training samples flipped to another class.
+
+  Exactly round(fraction * N) training samples, drawn at random, get a class drawn uniformly from the
+  others; they are marked with tier "label_flip". Validation and test splits are left clean.
+  """
+  if dataset.task != "classification":
+    raise ValueError(f"label_noise flips class labels; {dataset.name!r} is a regression dataset")
+  sources.check_float("fraction", fraction, maximum=1.0)
+  sources.check_seed(seed)
+  if np.any(dataset.train.tier != CLEAN_TIER):
+    raise ValueError(f"{dataset.name!r} already has corrupt training samples; expected a clean dataset to corrupt")
+  rng = np.random.default_rng(seed)
+  train = dataset.train
+  flipped = rng.permutation(len(train))[: int(round(fraction * len(train)))]
+  y = train.y.copy()
+  y[flipped] = (y[flipped] + rng.integers(1, dataset.num_classes, flipped.size)) % dataset.num_classes
+  tier = np.zeros(len(train), np.int32)
+  tier[flipped] = LABEL_NOISE_TIERS.index("label_flip")
+  noisy = dataclasses.replace(train, y=y.astype(train.y.dtype), tier=tier)
+  return dataclasses.replace(dataset, name=f"{dataset.name} ({fraction:.0%} labels flipped)", train=noisy,
+                             tier_names=LABEL_NOISE_TIERS)
