@@ -44,6 +44,14 @@ def make_sampler(name: str, model, loss_fn, settings: SamplerSettings) -> train.
   raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")
 
 
+def train_config(config, seed: int) -> train.TrainConfig:
+  """An experiment config's training settings (epochs, batch_size, val_batch_size, learning_rate) with Adam."""
+  return train.TrainConfig(
+      epochs=config.epochs, batch_size=config.batch_size, val_batch_size=config.val_batch_size,
+      optimizer="adam", learning_rate=config.learning_rate, seed=seed,
+  )
+
+
 def check_samplers(names, settings: SamplerSettings, dataset: data.Dataset, config: train.TrainConfig) -> None:
   """Raise a clear error for unknown samplers or settings the dataset cannot support, before any compute."""
   unknown = [n for n in names if n not in SAMPLERS]

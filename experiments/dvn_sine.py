@@ -7,8 +7,9 @@ The synthetic task of "Learning to Value Data: A Meta-Learned Sampler" (N = 1000
 noise sigma 0.1, an MLP 2 x 128, Adam 1e-3, 50 epochs). Samplers, all on the same data, model and
 optimiser per seed: uniform epochs, gradient-norm sampling, the DVN (T = 10, K = 20, softmax temperature
 1 on scores in units of the contributions' spread), the DVN without the softmax
-(`dvn.sampling_probs(..., "none")`), and the DVN at the further softmax temperatures `temperatures`. The DVN's contributions are measured on the validation
-split's batches, so every loss reported here is the held-out test split's.
+(`dvn.sampling_probs(..., "none")`), and the DVN at the further softmax temperatures `temperatures`.
+The DVN's contributions are measured on the validation split's batches, so every loss reported here is
+the held-out test split's.
 
 Per seed and sampler: the test loss after every epoch, and the number of updates (steps) until the test
 loss first reaches `target_loss` (3 sigma^2 by default, where sigma^2 = 0.01 is the lowest loss reachable).
@@ -81,13 +82,6 @@ def get_config(quick: bool = False) -> Config:
   )
 
 
-def train_config(config: Config, seed: int) -> train.TrainConfig:
-  return train.TrainConfig(
-      epochs=config.epochs, batch_size=config.batch_size, val_batch_size=config.val_batch_size,
-      optimizer="adam", learning_rate=config.learning_rate, seed=seed,
-  )
-
-
 def check(config: Config) -> None:
   """Raise a clear error for a configuration that cannot run, before any training or writing."""
   if not config.seeds:
@@ -99,7 +93,7 @@ def check(config: Config) -> None:
   dataset = data.load(config.dataset, seed=config.seeds[0], **config.dataset_options)
   if dataset.task != "regression":
     raise ValueError(f"{NAME} needs a regression dataset, got classification data {config.dataset!r}")
-  dvn_common.check_samplers(config.samplers, config.sampler, dataset, train_config(config, config.seeds[0]))
+  dvn_common.check_samplers(config.samplers, config.sampler, dataset, dvn_common.train_config(config, config.seeds[0]))
   if config.temperatures and "dvn" not in config.samplers:
     raise ValueError("temperatures are extra runs of the DVN; expected 'dvn' among samplers")
   for t in config.temperatures:
@@ -158,7 +152,8 @@ def summarise(config: Config, results: dict[str, list[dict]]) -> dict[str, Any]:
     )
   tempered = [name for name in results if name.startswith("dvn, T=")]
   if tempered and "uniform" in results:
-    best = min(["dvn", *tempered], key=lambda name: np.nanmedian(steps(name)) if np.isfinite(steps(name)).any() else np.inf)
+    reached = lambda name: np.nanmedian(steps(name)) if np.isfinite(steps(name)).any() else np.inf
+    best = min(["dvn", *tempered], key=reached)
     claims["DVN at best temperature: fewer updates"] = claim(
         f"1 - {best} / uniform updates", _saving(steps(best), steps("uniform")), "30% fewer"
     )
@@ -226,7 +221,8 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
   runs.write_json(out_dir / "config.json", config)
   metrics = runs.MetricsLog(out_dir / "metrics.jsonl")
   arms = {name: (name, config.sampler) for name in config.samplers}
-  arms.update({f"dvn, T={t:g}": ("dvn", dataclasses.replace(config.sampler, temperature=t)) for t in config.temperatures})
+  for t in config.temperatures:
+    arms[f"dvn, T={t:g}"] = ("dvn", dataclasses.replace(config.sampler, temperature=t))
   results: dict[str, list[dict]] = {name: [] for name in arms}
   datasets = {seed: data.load(config.dataset, seed=seed, **config.dataset_options) for seed in config.seeds}
   steps_per_epoch = len(datasets[config.seeds[0]].train) // config.batch_size
@@ -236,7 +232,7 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
     method = dvn_common.make_sampler(kind, model, loss_fn, settings)
     for seed in config.seeds:
       log = lambda record, name=name, seed=seed: metrics.write({"sampler": name, "seed": seed, **record})
-      result = dvn_common.train_run(model, datasets[seed], train_config(config, seed), method, log)
+      result = dvn_common.train_run(model, datasets[seed], dvn_common.train_config(config, seed), method, log)
       ess = result.pool_ess
       results[name].append({
           "seed": seed,

@@ -96,13 +96,6 @@ def get_config(quick: bool = False) -> Config:
   )
 
 
-def train_config(config: Config, seed: int) -> train.TrainConfig:
-  return train.TrainConfig(
-      epochs=config.epochs, batch_size=config.batch_size, val_batch_size=config.val_batch_size,
-      optimizer="adam", learning_rate=config.learning_rate, seed=seed,
-  )
-
-
 def check(config: Config) -> None:
   """Raise a clear error for a configuration that cannot run, before any training or writing."""
   plan = check_plan(config)
@@ -114,7 +107,8 @@ def check(config: Config) -> None:
   for spec, options in plan.items():
     dataset = load_checked(NAME, spec, options, config.seeds[0])
     try:
-      dvn_common.check_samplers(config.samplers, config.sampler, dataset, train_config(config, config.seeds[0]))
+      settings = dvn_common.train_config(config, config.seeds[0])
+      dvn_common.check_samplers(config.samplers, config.sampler, dataset, settings)
     except ValueError as err:
       raise ValueError(f"dataset {spec!r}: {err}") from None
   if config.noise_levels and not set(NOISE_SAMPLERS) <= set(config.samplers):
@@ -126,7 +120,7 @@ def run_sampler(name, method, model, datasets: dict[int, data.Dataset], config: 
   rows = []
   for seed, dataset in datasets.items():
     result = dvn_common.train_run(
-        model, dataset, train_config(config, seed), method,
+        model, dataset, dvn_common.train_config(config, seed), method,
         lambda record, seed=seed: log({**tags, "sampler": name, "seed": seed, **record}),
     )
     flipped = dataset.train.tier != data.CLEAN_TIER
@@ -136,7 +130,9 @@ def run_sampler(name, method, model, datasets: dict[int, data.Dataset], config: 
         "test_loss": [r["test/loss"] for r in result.history],
         "spearman": nanmean(result.probes[:, 1]),
         "first_order_spearman": nanmean(result.probes[:, 2]),
-        "flipped_probability": float(result.probs[flipped].sum()) if result.probs is not None and flipped.any() else None,
+        "flipped_probability": (
+            float(result.probs[flipped].sum()) if result.probs is not None and flipped.any() else None
+        ),
     })
   return rows
 

@@ -426,7 +426,9 @@ def dvn(
     _check_positive_int(option, value)
   _check_positive_int("refresh_every", refresh_every, allow_none=True)
   if memory < num_samples:
-    raise ValueError(f"memory={memory} cannot hold one meta-update's num_samples={num_samples}; expected memory >= num_samples")
+    raise ValueError(
+        f"memory={memory} cannot hold one meta-update's num_samples={num_samples}; expected memory >= num_samples"
+    )
   for option, value in (("step_size", step_size), ("temperature", temperature), ("learning_rate", learning_rate)):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < np.inf:
       raise ValueError(f"{option} must be a positive finite number, got {value!r}")

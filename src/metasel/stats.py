@@ -40,7 +40,10 @@ def mean_ci(values, level: float = 0.95) -> Interval:
 
 
 def verdict(interval: Interval | dict) -> str:
-  """"holds" / "does not hold" when an interval of a difference lies above / below 0, else "no significant difference"."""
+  """"holds" / "does not hold" when the interval of a difference lies above / below 0, else no difference.
+
+  The third verdict reads "no significant difference".
+  """
   mean, half = (interval["mean"], interval["half_width"]) if isinstance(interval, dict) else interval[:2]
   if np.isfinite(mean - half) and mean - half > 0:
     return "holds"
