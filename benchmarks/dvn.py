@@ -1,6 +1,6 @@
 """Time DVN's vmapped true contributions against a per-sample loop, and a DVN epoch against uniform, in one run.
 
-    python benchmarks/dvn.py [--rounds 3] [--epochs 6] [--quick]
+    python benchmarks/dvn.py [--rounds 5] [--epochs 6] [--quick]
 
 Prints one JSON object for the DVN text experiment's setting: AG News (`shared/data/ag_news/test.csv`,
 TF-IDF with 2000 features; the generated "mixture" data when the file is missing), 1000 training
@@ -132,7 +132,7 @@ def epoch_times(model, dataset: data.Dataset, methods: dict[str, train.Method], 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of training runs")
+  parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of training runs")
   parser.add_argument("--epochs", type=int, default=6, help="epochs per training run (the first is left out)")
   parser.add_argument("--contrib-rounds", type=int, default=7, help="interleaved rounds of contribution timings")
   parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test of a few seconds")

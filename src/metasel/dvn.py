@@ -202,6 +202,7 @@ def contributions(
     step_size: float,
     *,
     method: persample.Method = "ghost",
+    tape: persample.GhostTape | None = None,
 ) -> jax.Array:
   """True one-step contributions (K,): L_val(theta) - L_val(theta - eta grad l_i(theta)) for each row.
 
@@ -213,6 +214,7 @@ def contributions(
   `persample.GhostTape` of the K rows and steps every dense `GhostDense` layer by its rank-one
   gradient a_i d_i^T without forming it (`models.GHOST_UPDATE`): the validation batch's product with
   the first layer's kernel is then shared by all K models. Other parameters take full gradients.
+  `tape`: a `persample.record` of these rows at `params` to reuse on the ghost path.
   """
   if method not in ("ghost", "vmap"):
     raise ValueError(f"method must be 'ghost' or 'vmap', got {method!r}")
@@ -220,7 +222,7 @@ def contributions(
   flat = traverse_util.flatten_dict(params)
   rank_one: dict[tuple[str, ...], tuple[jax.Array, jax.Array]] = {}
   if method == "ghost":
-    tape = persample.record(model, params, x, y, loss_fn)
+    tape = persample.record(model, params, x, y, loss_fn) if tape is None else tape
     # A layer used at one position per sample has a rank-one per-sample gradient.
     rank_one = {p: (a, tape.output_grads[p]) for p, a in tape.inputs.items() if a.ndim == 2}
   others = {k: v for k, v in flat.items() if k[:-1] not in rank_one}
@@ -437,7 +439,6 @@ def dvn(
   sampling_probs(jnp.zeros((1,)), normalization, temperature)  # rejects an unknown normalization
   num_features = len(features.names)
   optimizer = optax.adam(learning_rate)
-  measure = contributions if target == "exact" else first_order_contributions
 
   def score(dvn_state: DVNState, table: jax.Array) -> jax.Array:  # (N, F) -> (N,)
     inputs = (table - dvn_state.feature_mean) / dvn_state.feature_scale
@@ -501,8 +502,12 @@ def dvn(
     """Probe K pool samples, remember their (features, contribution) pairs, and refit the DVN."""
     rows = jax.random.choice(ctx.key, ctx.train_x.shape[0], (num_samples,), replace=False)
     x, y = ctx.train_x[rows], ctx.train_y[rows]
-    probed = features.fn(ctx.params, x, y, rows)  # (K, F)
-    true = measure(model, loss_fn, ctx.params, x, y, ctx.val_x, ctx.val_y, step_size)  # (K,)
+    tape = persample.record(model, ctx.params, x, y, loss_fn)  # one pass serves features and contributions
+    probed = features.from_tape(ctx.params, tape, x, y, rows)  # (K, F)
+    if target == "exact":
+      true = contributions(model, loss_fn, ctx.params, x, y, ctx.val_x, ctx.val_y, step_size, tape=tape)  # (K,)
+    else:
+      true = first_order_contributions(model, loss_fn, ctx.params, x, y, ctx.val_x, ctx.val_y, step_size)
     predicted = score(dvn_state, probed)
     slots = (dvn_state.memory_count + jnp.arange(num_samples)) % memory
     mean = jnp.mean(table, axis=0)
