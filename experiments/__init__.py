@@ -94,3 +94,22 @@ def check_plan(config) -> dict[str, dict]:
           f"dataset {spec!r} reads {path}, which does not exist; provide the file or drop {spec!r} from datasets"
       )
   return plan
+
+
+def interval(values) -> dict[str, float]:
+  """Mean and 95% half-width of per-seed values, as a dict; NaN entries are dropped ("n" counts the rest)."""
+  from metasel import stats
+
+  values = np.asarray(values, np.float64)
+  values = values[np.isfinite(values)]
+  if values.size == 0:
+    return {"mean": float("nan"), "half_width": float("nan"), "n": 0}
+  return stats.mean_ci(values)._asdict()
+
+
+def ci_text(value: dict[str, float] | None, scale: float = 1.0, signed: bool = False, digits: int = 2) -> str:
+  """"mean +- half-width" of an `interval`, times `scale`; "-" for none."""
+  if value is None or not value.get("n"):
+    return "-"
+  sign = "+" if signed else ""
+  return f"{scale * value['mean']:{sign}.{digits}f} +- {scale * value['half_width']:.{digits}f}"

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from metasel import data, dvn, models, stats, train
+from metasel_experiments import ci_text, interval
 
 SAMPLERS = ("uniform", "grad-norm", "dvn", "dvn-unnormalised", "dvn-no-embedding-norm")
 DVN_SAMPLERS = ("dvn", "dvn-unnormalised", "dvn-no-embedding-norm")
@@ -110,27 +111,10 @@ def nanmean(values) -> float:
   return float(values.mean()) if values.size else float("nan")
 
 
-def interval(values) -> dict[str, float]:
-  """Mean and 95% half-width over seeds (NaN entries dropped), as a dict."""
-  values = np.asarray(values, np.float64)
-  values = values[np.isfinite(values)]
-  if values.size == 0:
-    return {"mean": float("nan"), "half_width": float("nan"), "n": 0}
-  return stats.mean_ci(values)._asdict()
-
-
 def claim(comparison: str, differences, paper: str, scale: float = 1.0) -> dict[str, Any]:
   """A paired per-seed difference, its interval, its verdict, what the paper says, and the display scale."""
   diff = interval(differences)
   return {"comparison": comparison, "difference": diff, "verdict": stats.verdict(diff), "paper": paper, "scale": scale}
-
-
-def ci_text(value: dict[str, float] | None, scale: float = 1.0, signed: bool = False, digits: int = 2) -> str:
-  """"mean +- half-width" of an interval, times `scale`; "-" for none."""
-  if value is None or not value.get("n"):
-    return "-"
-  sign = "+" if signed else ""
-  return f"{scale * value['mean']:{sign}.{digits}f} +- {scale * value['half_width']:.{digits}f}"
 
 
 def claim_lines(claims: dict[str, dict]) -> list[str]:

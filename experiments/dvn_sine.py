@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 
 from metasel import data, models, runs, train
-from metasel_experiments import dvn_common
-from metasel_experiments.dvn_common import SamplerSettings, ci_text, claim, interval, nanmean
+from metasel_experiments import ci_text, dvn_common, interval
+from metasel_experiments.dvn_common import SamplerSettings, claim, nanmean
 
 NAME = "dvn-sine"
 SAMPLERS = ("uniform", "grad-norm", "dvn", "dvn-unnormalised")

@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 
 from metasel import data, models, runs, train
-from metasel_experiments import check_plan, dataset_plan, dvn_common, load_checked, shared_data
-from metasel_experiments.dvn_common import SamplerSettings, ci_text, claim, interval, nanmean
+from metasel_experiments import check_plan, ci_text, dataset_plan, dvn_common, interval, load_checked, shared_data
+from metasel_experiments.dvn_common import SamplerSettings, claim, nanmean
 
 NAME = "dvn-text"
 SIZES = {"n_train": 1000, "n_val": 200, "n_test": 200, "max_features": 2000}

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metasel import data, models, mts, runs, signals, stats, train
-from metasel_experiments import check_plan, data_file, dataset_plan, load_checked, shared_data
+from metasel_experiments import check_plan, ci_text, data_file, dataset_plan, interval, load_checked, shared_data
 
 NAME = "mts-benchmark"
 AG_NEWS = str(shared_data("ag_news/test.csv"))
@@ -277,11 +277,6 @@ def run_seed(config: Config, spec: str, dataset: data.Dataset, seed: int, log, a
   return results
 
 
-def interval(values) -> dict[str, float]:
-  """Mean and 95% half-width of per-seed values, as a dict."""
-  return stats.mean_ci(values)._asdict()
-
-
 def _accuracies(per_seed: dict[str, list[dict]], name: str) -> np.ndarray:
   return np.array([r["accuracy"] for r in per_seed[name]])
 
@@ -336,14 +331,6 @@ def _comparison(names: list[str], num_plus: int) -> str:
   return f"({a} - {c}) - ({d} - {b})"
 
 
-def _ci(value: dict[str, float] | None, scale: float = 1.0, signed: bool = False, digits: int = 2) -> str:
-  """"mean +- half-width" of an interval, times `scale`; "-" for none."""
-  if value is None:
-    return "-"
-  sign = "+" if signed else ""
-  return f"{scale * value['mean']:{sign}.{digits}f} +- {scale * value['half_width']:.{digits}f}"
-
-
 def format_table(summary: dict[str, Any]) -> str:
   """A text table per dataset: accuracy (%), weight AUC, gains (points) and the claims' verdicts."""
   lines = []
@@ -356,9 +343,9 @@ def format_table(summary: dict[str, Any]) -> str:
     for name in METHODS:
       m, g = result["methods"][name], result["gains"][name]
       lines.append(
-          f"{name:<15}{_ci(m['accuracy'], 100):>17}{_ci(m.get('auc'), digits=3):>17}"
-          f"{_ci(g['vs_uniform'], 100, True):>17}{_ci(g['vs_strongest_baseline'], 100, True):>17}"
-          f"{_ci(m['accuracy_at_best_val'], 100):>17}"
+          f"{name:<15}{ci_text(m['accuracy'], 100):>17}{ci_text(m.get('auc'), digits=3):>17}"
+          f"{ci_text(g['vs_uniform'], 100, True):>17}{ci_text(g['vs_strongest_baseline'], 100, True):>17}"
+          f"{ci_text(m['accuracy_at_best_val'], 100):>17}"
       )
     tiers = list(result["methods"]["mts-features"]["tier_auc"])
     lines.append(f"{'tier AUC':<15}" + "".join(f"{t[:14]:>15}" for t in tiers))
@@ -380,7 +367,7 @@ def format_table(summary: dict[str, Any]) -> str:
 def _claim_lines(claims: dict[str, dict]) -> list[str]:
   width = max(len(c["comparison"]) for c in claims.values()) + 2
   return [
-      f"  {claim:<42}{c['comparison']:<{width}}{_ci(c['difference'], 100, True):>16}  {c['verdict']}"
+      f"  {claim:<42}{c['comparison']:<{width}}{ci_text(c['difference'], 100, True):>16}  {c['verdict']}"
       for claim, c in claims.items()
   ]
 

@@ -366,10 +366,6 @@ def _pool_diagnostics(probs: jax.Array) -> dict[str, jax.Array]:
   return {"sampler/pool_ess": 1.0 / jnp.sum(jnp.square(probs)), "sampler/max_prob": jnp.max(probs)}
 
 
-def _check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
-  sources.check_int(name, value, allow_none=allow_none)
-
-
 def dvn(
     model: nn.Module,
     loss_fn: persample.LossFn,
@@ -425,8 +421,8 @@ def dvn(
   network = network or DVN()
   memory = 2 * num_samples if memory is None else memory
   for option, value in (("period", period), ("num_samples", num_samples), ("fit_steps", fit_steps), ("memory", memory)):
-    _check_positive_int(option, value)
-  _check_positive_int("refresh_every", refresh_every, allow_none=True)
+    sources.check_int(option, value)
+  sources.check_int("refresh_every", refresh_every, allow_none=True)
   if memory < num_samples:
     raise ValueError(
         f"memory={memory} cannot hold one meta-update's num_samples={num_samples}; expected memory >= num_samples"
@@ -504,10 +500,13 @@ def dvn(
     x, y = ctx.train_x[rows], ctx.train_y[rows]
     tape = persample.record(model, ctx.params, x, y, loss_fn)  # one pass serves features and contributions
     probed = features.from_tape(ctx.params, tape, x, y, rows)  # (K, F)
+    estimate = None  # the first-order estimates (K,), computed once when the target or the comparison needs them
+    if target == "first_order" or compare_first_order:
+      estimate = first_order_contributions(model, loss_fn, ctx.params, x, y, ctx.val_x, ctx.val_y, step_size)
     if target == "exact":
       true = contributions(model, loss_fn, ctx.params, x, y, ctx.val_x, ctx.val_y, step_size, tape=tape)  # (K,)
     else:
-      true = first_order_contributions(model, loss_fn, ctx.params, x, y, ctx.val_x, ctx.val_y, step_size)
+      true = estimate
     predicted = score(dvn_state, probed)
     slots = (dvn_state.memory_count + jnp.arange(num_samples)) % memory
     mean = jnp.mean(table, axis=0)
@@ -521,7 +520,6 @@ def dvn(
         spearman=spearman(predicted, true),
     )
     if compare_first_order:
-      estimate = first_order_contributions(model, loss_fn, ctx.params, x, y, ctx.val_x, ctx.val_y, step_size)
       dvn_state = dvn_state._replace(first_order_spearman=spearman(estimate, true))
     return fit(dvn_state)
 
@@ -566,7 +564,7 @@ def grad_norm_sampler(
   The norms are a table kept as in `dvn` (the pool at step 0, then each batch's rows); batches are
   weighted uniformly. Uniform over the pool while every norm is zero.
   """
-  _check_positive_int("refresh_every", refresh_every, allow_none=True)
+  sources.check_int("refresh_every", refresh_every, allow_none=True)
   features = proxy_features(model, loss_fn, include=("grad_norm",))
 
   def init(key, num_train):
