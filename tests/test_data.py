@@ -232,11 +232,11 @@ def test_dbpedia_subsample_is_stratified():
 
 def test_stratified_subsets_are_disjoint_proportional_and_exact():
   y = np.repeat([0, 1, 2], [500, 300, 200])
-  train, val, rest = data.sources.stratified_subsets(y, [100, 30, None], 0)
+  train, val, rest = data.stratified_subsets(y, [100, 30, None], 0)
   assert (len(train), len(val), len(rest)) == (100, 30, 870)
   assert np.bincount(y[train]).tolist() == [50, 30, 20] and np.bincount(y[val]).tolist() == [15, 9, 6]
   assert len(np.unique(np.concatenate([train, val, rest]))) == 1000
-  tiny = data.sources.stratified_subsets(y, [3], 1)[0]
+  tiny = data.stratified_subsets(y, [3], 1)[0]
   assert sorted(y[tiny].tolist()) == [0, 1, 2]  # every class gets at least one row
 
 
@@ -553,7 +553,7 @@ def test_weighted_batches_follow_probs():
     "call, match",
     [
         (lambda: sampling.epoch_batches(jax.random.key(0), 10, 11), "batch_size=11 is larger than num_samples=10"),
-        (lambda: sampling.epoch_batches(jax.random.key(0), 10, 0), r"batch_size must be a positive int .*got 0"),
+        (lambda: sampling.epoch_batches(jax.random.key(0), 10, 0), r"batch_size must be an integer >= 1, got 0"),
         (
             lambda: sampling.weighted_batches(jax.random.key(0), jnp.ones(5), 6, 2, replace=False),
             "batch_size=6 is larger .* N=5",

@@ -11,7 +11,7 @@ import optax
 import pytest
 from jax.test_util import check_grads
 
-from metasel import models, mts, persample, signals, train
+from metasel import data, models, mts, persample, signals, train
 
 LR = 0.3
 B, D, C = 12, 5, 3
@@ -228,7 +228,6 @@ def test_l2rw_weights_are_non_negative_and_sum_to_one(seed):
 
 
 def _blobs(n=96, seed=0):
-  from metasel.data import sources
 
   rng = np.random.default_rng(seed)
   centres = rng.normal(size=(C, D)) * 3
@@ -237,7 +236,7 @@ def _blobs(n=96, seed=0):
     y = rng.integers(0, C, m)
     return (centres[y] + rng.normal(size=(m, D))).astype(np.float32), y.astype(np.int32)
 
-  return sources.from_arrays(split(n), split(32), split(32), num_classes=C)
+  return data.from_arrays(split(n), split(32), split(32), num_classes=C)
 
 
 MODEL = models.MLP(hidden=(16,), num_outputs=C)
@@ -339,12 +338,11 @@ def test_online_sensitivity_is_the_closed_form_of_the_loop_step():
 def test_mts_learns_to_down_weight_label_noise(lookahead):
   """Blobs with half the train labels flipped: MTS on the loss learns low weights for flipped samples."""
   from metasel import stats
-  from metasel.data import sources
 
   dataset = _blobs(n=192, seed=1)
   flipped = np.random.default_rng(0).random(192) < 0.5
   y = np.where(flipped, (dataset.train.y + 1) % C, dataset.train.y).astype(np.int32)
-  noisy = sources.from_arrays(
+  noisy = data.from_arrays(
       (dataset.train.x, y, flipped.astype(np.int32)), dataset.val, dataset.test, num_classes=C,
       tier_names=("clean", "flipped"),
   )

@@ -31,7 +31,7 @@ import optax
 from flax import traverse_util
 
 from metasel import persample
-from metasel.data import sources
+from metasel import checks
 from metasel.models import GHOST_UPDATE
 from metasel.train import Method, StepContext, StepResult
 
@@ -421,8 +421,8 @@ def dvn(
   network = network or DVN()
   memory = 2 * num_samples if memory is None else memory
   for option, value in (("period", period), ("num_samples", num_samples), ("fit_steps", fit_steps), ("memory", memory)):
-    sources.check_int(option, value)
-  sources.check_int("refresh_every", refresh_every, allow_none=True)
+    checks.check_int(option, value)
+  checks.check_int("refresh_every", refresh_every, allow_none=True)
   if memory < num_samples:
     raise ValueError(
         f"memory={memory} cannot hold one meta-update's num_samples={num_samples}; expected memory >= num_samples"
@@ -564,7 +564,7 @@ def grad_norm_sampler(
   The norms are a table kept as in `dvn` (the pool at step 0, then each batch's rows); batches are
   weighted uniformly. Uniform over the pool while every norm is zero.
   """
-  sources.check_int("refresh_every", refresh_every, allow_none=True)
+  checks.check_int("refresh_every", refresh_every, allow_none=True)
   features = proxy_features(model, loss_fn, include=("grad_norm",))
 
   def init(key, num_train):

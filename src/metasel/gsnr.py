@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from metasel.data.sources import check_int
+from metasel.checks import check_int
 
 __all__ = [
     "GradFn",

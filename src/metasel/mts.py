@@ -26,7 +26,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from metasel import persample, signals
-from metasel.data.sources import check_int
+from metasel.checks import check_int
 from metasel.train import Method, StepContext, uniform, weight_diagnostics
 
 __all__ = [

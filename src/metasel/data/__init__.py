@@ -5,10 +5,11 @@
 with known corruption tiers out of any of those classification sets; `from_arrays` wraps your own arrays.
 """
 
-from metasel.data import sampling, sources, synthetic, text
+from metasel.data import arrays, sampling, sources, synthetic, text
 from metasel.data.dataset import CLEAN_TIER, REAL_GROUP, SYNTHETIC_GROUP, Dataset, Split
 from metasel.data.sampling import epoch_batches, weighted_batches
-from metasel.data.sources import from_arrays, load
+from metasel.data.arrays import from_arrays, stratified_subsets
+from metasel.data.sources import load
 
 __all__ = [
     "CLEAN_TIER",
@@ -17,10 +18,12 @@ __all__ = [
     "SYNTHETIC_GROUP",
     "Split",
     "epoch_batches",
+    "arrays",
     "from_arrays",
     "load",
     "sampling",
     "sources",
+    "stratified_subsets",
     "synthetic",
     "text",
     "weighted_batches",

@@ -6,11 +6,11 @@ Their arguments are checked before tracing; `probs` values only where they are c
 
 from __future__ import annotations
 
-import numbers
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from metasel.checks import check_int
 
 
 def epoch_batches(key: jax.Array, num_samples: int, batch_size: int, *, drop_last: bool = True) -> jax.Array:
@@ -21,8 +21,8 @@ def epoch_batches(key: jax.Array, num_samples: int, batch_size: int, *, drop_las
 
   Example: `epoch_batches(jax.random.key(0), 10, 4)` has shape (2, 4) and no repeated index.
   """
-  _check_size("num_samples", num_samples)
-  _check_size("batch_size", batch_size)
+  check_int("num_samples", num_samples)
+  check_int("batch_size", batch_size)
   if batch_size > num_samples:
     raise ValueError(f"batch_size={batch_size} is larger than num_samples={num_samples}; expected at most that")
   num_batches = num_samples // batch_size if drop_last else -(-num_samples // batch_size)
@@ -41,8 +41,8 @@ def weighted_batches(
   Gumbel top-k (sequential sampling without replacement), and batches are independent of each other.
   Under `jax.jit`, `batch_size` and `num_batches` must be static.
   """
-  _check_size("batch_size", batch_size)
-  _check_size("num_batches", num_batches)
+  check_int("batch_size", batch_size)
+  check_int("num_batches", num_batches)
   probs = jnp.asarray(probs)
   _check_probs(probs, batch_size, replace)
   if replace:
@@ -53,12 +53,6 @@ def weighted_batches(
   logits = jnp.log(probs)  # (N,); log(0) = -inf is never drawn
   perturbed = logits + jax.random.gumbel(key, (num_batches, probs.shape[0]), dtype=logits.dtype)  # (S, N)
   return jax.lax.top_k(perturbed, batch_size)[1].astype(jnp.int32)
-
-
-def _check_size(name: str, value: object) -> None:
-  """Raise unless `value` is a positive Python int (a static size)."""
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-    raise ValueError(f"{name} must be a positive int (static under jit), got {value!r}")
 
 
 def _check_probs(probs: jax.Array, batch_size: int, replace: bool) -> None:

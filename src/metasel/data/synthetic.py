@@ -15,7 +15,8 @@ from collections.abc import Mapping
 import numpy as np
 import sklearn.datasets
 
-from metasel.data import sources
+from metasel import checks
+from metasel.data import arrays
 from metasel.data.dataset import CLEAN_TIER, MIXED_GROUPS, REAL_GROUP, SYNTHETIC_GROUP, Dataset
 
 MIXTURE_TIERS = ("clean", "label_noise", "feature_shift", "near_duplicate", "pure_noise")
@@ -43,10 +44,10 @@ def sine(
   All three splits come from the same distribution (noisy targets) and all samples are clean.
   x is (N, 1) float32, y (N,) float32.
   """
-  sources.check_seed(seed)
+  checks.check_seed(seed)
   for name, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
-    sources.check_int(name, n)
-  sources.check_float("noise", noise)
+    checks.check_int(name, n)
+  checks.check_float("noise", noise)
   if not (isinstance(x_range, (tuple, list)) and len(x_range) == 2 and x_range[0] < x_range[1]):
     raise ValueError(f"x_range must be a pair (low, high) with low < high, got {x_range!r}")
   rng = np.random.default_rng(seed)
@@ -56,7 +57,7 @@ def sine(
   idx = np.arange(n)
   cuts = np.cumsum([n_train, n_val])
   parts = [(x[s], y[s], None, idx[s]) for s in np.split(idx, cuts)]
-  return sources.from_arrays(*parts, name="sine", num_classes=0, feature_names=("x",))
+  return arrays.from_arrays(*parts, name="sine", num_classes=0, feature_names=("x",))
 
 
 def mixture(
@@ -87,16 +88,16 @@ def mixture(
   Train is the n_real real rows (group 0) followed by the n_synthetic synthetic rows (group 1); val and
   test are clean real data.
   """
-  sources.check_seed(seed)
+  checks.check_seed(seed)
   for name, n in (("n_real", n_real), ("n_val", n_val), ("n_test", n_test), ("dim", dim)):
-    sources.check_int(name, n)
-  sources.check_int("n_synthetic", n_synthetic, minimum=0)
-  sources.check_int("num_classes", num_classes, minimum=2)
-  sources.check_int("duplicate_sources", duplicate_sources)
+    checks.check_int(name, n)
+  checks.check_int("n_synthetic", n_synthetic, minimum=0)
+  checks.check_int("num_classes", num_classes, minimum=2)
+  checks.check_int("duplicate_sources", duplicate_sources)
   for name, v in (("separation", separation), ("duplicate_jitter", duplicate_jitter), ("noise_scale", noise_scale)):
-    sources.check_float(name, v)
-  sources.check_float("shift", shift, maximum=1.0)
-  fractions = sources.check_fractions("tiers", DEFAULT_MIXTURE_TIERS if tiers is None else tiers, MIXTURE_TIERS[1:])
+    checks.check_float(name, v)
+  checks.check_float("shift", shift, maximum=1.0)
+  fractions = checks.check_fractions("tiers", DEFAULT_MIXTURE_TIERS if tiers is None else tiers, MIXTURE_TIERS[1:])
   for name, n in (("n_real", n_real), ("n_val", n_val), ("n_test", n_test)):
     if n < num_classes:
       raise ValueError(f"{name}={n} is smaller than num_classes={num_classes}; expected every class present")
@@ -113,7 +114,7 @@ def mixture(
   val_x, val_y = clean(n_val)
   test_x, test_y = clean(n_test)
 
-  counts = sources.tier_counts(list(fractions.values()), n_synthetic)
+  counts = arrays.tier_counts(list(fractions.values()), n_synthetic)
   tier = np.repeat(np.arange(len(MIXTURE_TIERS)), np.concatenate([[n_synthetic - counts.sum()], counts]))
   syn_x, syn_y = clean(n_synthetic)
   other = (syn_y + rng.integers(1, num_classes, n_synthetic)) % num_classes  # a class != y, uniform
@@ -141,7 +142,7 @@ def mixture(
   train_src = np.concatenate([np.arange(n_real), n_real + order])
   val_src = n_train + np.arange(n_val)
   test_src = n_train + n_val + np.arange(n_test)
-  return sources.from_arrays(
+  return arrays.from_arrays(
       (train_x, train_y, train_tier, train_src, train_group),
       (val_x, val_y, None, val_src, np.full(n_val, REAL_GROUP)),
       (test_x, test_y, None, test_src, np.full(n_test, REAL_GROUP)),
@@ -182,15 +183,15 @@ def digits_synthetic(
   `sklearn.datasets.load_digits()` the sample (or its clean original) came from. Train is the real
   rows (group 0) followed by the synthetic rows (group 1).
   """
-  sources.check_seed(seed)
+  checks.check_seed(seed)
   for name, n in (("n_real", n_real), ("n_val", n_val), ("n_test", n_test), ("max_shift", max_shift)):
-    sources.check_int(name, n)
-  sources.check_int("n_synthetic", n_synthetic, minimum=0)
-  sources.check_range("noise_std", noise_std)
-  sources.check_range("blur_sigma", blur_sigma, minimum=1e-3)
+    checks.check_int(name, n)
+  checks.check_int("n_synthetic", n_synthetic, minimum=0)
+  checks.check_range("noise_std", noise_std)
+  checks.check_range("blur_sigma", blur_sigma, minimum=1e-3)
   if not isinstance(flatten, bool):
     raise ValueError(f"flatten must be True or False, got {flatten!r}")
-  fractions = sources.check_fractions("tiers", DEFAULT_DIGITS_TIERS if tiers is None else tiers, DIGITS_TIERS[1:])
+  fractions = checks.check_fractions("tiers", DEFAULT_DIGITS_TIERS if tiers is None else tiers, DIGITS_TIERS[1:])
   digits = sklearn.datasets.load_digits()
   images = (digits.images / 16.0).astype(np.float32)  # (1797, 8, 8) in [0, 1]
   labels = digits.target.astype(np.int32)
@@ -198,9 +199,9 @@ def digits_synthetic(
   rng = np.random.default_rng(seed)
   sizes = [n_real, n_val, n_test] + ([None] if n_synthetic else [])  # None: all digits left, the synthetic pool
   names = ["n_real", "n_val", "n_test", "the synthetic part's source pool"]
-  real, val, test, *rest = sources.stratified_subsets(labels, sizes, rng, names=names)
+  real, val, test, *rest = arrays.stratified_subsets(labels, sizes, rng, names=names)
   pool = rest[0] if rest else np.empty(0, int)
-  counts = sources.tier_counts(list(fractions.values()), n_synthetic)
+  counts = arrays.tier_counts(list(fractions.values()), n_synthetic)
   tier = np.repeat(np.arange(len(DIGITS_TIERS)), np.concatenate([[n_synthetic - counts.sum()], counts]))
   tier = rng.permutation(tier)
   src = rng.permutation(pool)[np.arange(n_synthetic) % len(pool)] if n_synthetic else np.empty(0, int)
@@ -221,7 +222,7 @@ def digits_synthetic(
     return x.reshape(len(x), -1) if flatten else x[..., None]
 
   real = rng.permutation(real)
-  return sources.from_arrays(
+  return arrays.from_arrays(
       (
           shaped(np.concatenate([images[real], syn_x])),
           np.concatenate([labels[real], syn_y]),
@@ -244,9 +245,9 @@ def check_corrupted_options(
     *, n_real: int | None = None, n_synthetic: int | None = None, tiers: Mapping[str, float] | None = None
 ) -> dict[str, float]:
   """Validate `corrupted_mixture`'s options before any data is loaded; returns the fraction of every corruption."""
-  sources.check_int("n_real", n_real)
-  sources.check_int("n_synthetic", n_synthetic)
-  return sources.check_fractions("tiers", DEFAULT_CORRUPTED_TIERS if tiers is None else tiers, CORRUPTED_TIERS[1:])
+  checks.check_int("n_real", n_real)
+  checks.check_int("n_synthetic", n_synthetic)
+  return checks.check_fractions("tiers", DEFAULT_CORRUPTED_TIERS if tiers is None else tiers, CORRUPTED_TIERS[1:])
 
 
 def corrupted_mixture(
@@ -277,7 +278,7 @@ def corrupted_mixture(
   """
   if not isinstance(real, Dataset):
     raise ValueError(f"real must be a Dataset (e.g. from load(...)), got {type(real).__name__}")
-  sources.check_seed(seed)
+  checks.check_seed(seed)
   fractions = check_corrupted_options(n_real=n_real, n_synthetic=n_synthetic, tiers=tiers)
   if real.task != "classification":
     raise ValueError(f"corrupted_mixture needs a classification dataset; {real.name!r} is regression (num_classes=0)")
@@ -301,9 +302,9 @@ def corrupted_mixture(
   y = real.train.y
   std = x.std(axis=0, dtype=np.float64)  # (F,)
   names = ["n_real", "the synthetic part's source pool"]
-  kept, rest = (pool[p] for p in sources.stratified_subsets(y[pool], [n_real, None], rng, names=names))
+  kept, rest = (pool[p] for p in arrays.stratified_subsets(y[pool], [n_real, None], rng, names=names))
   kept = rng.permutation(kept)
-  counts = sources.tier_counts(list(fractions.values()), n_synthetic)
+  counts = arrays.tier_counts(list(fractions.values()), n_synthetic)
   tier = np.repeat(np.arange(len(CORRUPTED_TIERS)), np.concatenate([[n_synthetic - counts.sum()], counts]))
   tier = rng.permutation(tier)
   src = rng.permutation(rest)[np.arange(n_synthetic) % len(rest)]
@@ -326,7 +327,7 @@ def corrupted_mixture(
 
   rows = np.concatenate([kept, src])
   source = real.train.source_index
-  return sources.from_arrays(
+  return arrays.from_arrays(
       (
           np.concatenate([x[kept], syn_x]).reshape(len(rows), *real.input_shape),
           np.concatenate([y[kept], syn_y]),
@@ -388,8 +389,8 @@ def label_noise(dataset: Dataset, fraction: float, *, seed: int = 0) -> Dataset:
   """
   if dataset.task != "classification":
     raise ValueError(f"label_noise flips class labels; {dataset.name!r} is a regression dataset")
-  sources.check_float("fraction", fraction, maximum=1.0)
-  sources.check_seed(seed)
+  checks.check_float("fraction", fraction, maximum=1.0)
+  checks.check_seed(seed)
   if np.any(dataset.train.tier != CLEAN_TIER):
     raise ValueError(f"{dataset.name!r} already has corrupt training samples; expected a clean dataset to corrupt")
   rng = np.random.default_rng(seed)

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from metasel.data import sources
+from metasel import checks
+from metasel.data import arrays
 from metasel.data.dataset import Dataset
 
 _NUMBER = re.compile(r"^\s*[-+]?\d+(\.\d*)?\s*$")
@@ -165,7 +166,7 @@ def encode_labels(
       raise ValueError(f"label_map keys {missing} do not occur in the data; raw labels present: {present}")
     ids = [v for v in lookup.values() if v is not None]
     for v in ids:
-      sources.check_int(f"label_map value for {v!r}", v, minimum=0)
+      checks.check_int(f"label_map value for {v!r}", v, minimum=0)
     num_classes = max(ids, default=-1) + 1
     names = tuple("+".join(k for k in present if lookup.get(k) == c) for c in range(num_classes))
     empty = [c for c in range(num_classes) if not names[c]]
@@ -189,21 +190,21 @@ def _subsets(y: np.ndarray, n_train, n_val, n_test, seed: int) -> list[np.ndarra
   n = len(y)
   n_val = max(len(np.unique(y)), n // 10) if n_val is None else n_val
   n_test = max(len(np.unique(y)), n // 5) if n_test is None else n_test
-  return sources.stratified_subsets(y, [n_train, n_val, n_test], seed, names=["n_train", "n_val", "n_test"])
+  return arrays.stratified_subsets(y, [n_train, n_val, n_test], seed, names=["n_train", "n_val", "n_test"])
 
 
 def _check_common(n_train, n_val, n_test, max_features) -> None:
   """Validate the size options shared by the text loaders."""
   for name, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
-    sources.check_int(name, n, allow_none=True)
-  sources.check_int("max_features", max_features)
+    checks.check_int(name, n, allow_none=True)
+  checks.check_int("max_features", max_features)
 
 
 def _from_texts(name, texts, y, rows, parts, *, max_features, class_names) -> Dataset:
   """Dataset from labelled texts and row subsets (train, val, test) of them, with TF-IDF fitted on train."""
   xs, vocab = tfidf(*[[texts[i] for i in p] for p in parts], max_features=max_features)
   splits = [(x, y[p], None, rows[p]) for x, p in zip(xs, parts)]
-  return sources.from_arrays(
+  return arrays.from_arrays(
       *splits, name=name, num_classes=len(class_names), feature_names=vocab, class_names=class_names
   )
 
@@ -237,7 +238,7 @@ def load_table(
   the rows of sizes n_train (default: all rows left), n_val (10%) and n_test (20%).
   `source_index` is each sample's data row in the file.
   """
-  sources.check_seed(seed)
+  checks.check_seed(seed)
   _check_common(n_train, n_val, n_test, max_features)
   if delimiter not in (",", "\t"):
     raise ValueError(f"delimiter must be ',' or '\\t', got {delimiter!r}")
@@ -258,7 +259,7 @@ def load_lines(
     max_features: int = 2000,
 ) -> Dataset:
   """A `label text` per line file (see `read_lines`) as a TF-IDF classification dataset; options as `load_table`."""
-  sources.check_seed(seed)
+  checks.check_seed(seed)
   _check_common(n_train, n_val, n_test, max_features)
   raw, texts, rows = read_lines(path)
   return _labelled_texts(f"lines:{path}", raw, texts, rows, label_map, (n_train, n_val, n_test), seed, max_features)
@@ -292,7 +293,7 @@ def load_tfds(
   """
   import tensorflow_datasets as tfds  # a slow import, needed only by this source
 
-  sources.check_seed(seed)
+  checks.check_seed(seed)
   _check_common(n_train, n_val, n_test, max_features)
   for option, value in (("train_split", train_split), ("test_split", test_split), ("label_key", label_key)):
     if not isinstance(value, str) or not value:
@@ -353,7 +354,7 @@ def load_tfds(
     xs = [_images(chosen[role], images[0], flatten) for role in roles]
     feature_names = None
   splits = [(x, encode(labels[roles[role][0]][rows[role]]), None, rows[role]) for x, role in zip(xs, roles)]
-  return sources.from_arrays(
+  return arrays.from_arrays(
       *splits, name=f"tfds:{name}", num_classes=num_classes, feature_names=feature_names, class_names=class_names,
       check_disjoint=len({s for s, _ in roles.values()}) == 1,
   )
@@ -364,11 +365,11 @@ def _pick(y: np.ndarray, sharing: list[str], roles: Mapping[str, tuple[str, int 
   if len(sharing) == 1:
     (role,) = sharing
     n = roles[role][1]
-    return {role: np.arange(len(y)) if n is None else sources.stratified_subsets(y, [n], seed, names=[f"n_{role}"])[0]}
+    return {role: np.arange(len(y)) if n is None else arrays.stratified_subsets(y, [n], seed, names=[f"n_{role}"])[0]}
   num_classes = len(np.unique(y))
   default = {"train": None, "val": max(num_classes, len(y) // 10), "test": max(num_classes, len(y) // 5)}
   sizes = [default[r] if roles[r][1] is None else roles[r][1] for r in sharing]
-  parts = sources.stratified_subsets(y, sizes, seed, names=[f"n_{r}" for r in sharing])
+  parts = arrays.stratified_subsets(y, sizes, seed, names=[f"n_{r}" for r in sharing])
   return dict(zip(sharing, parts))
 
 
