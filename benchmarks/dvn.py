@@ -32,7 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from metasel import data, dvn, models, persample, runs, train
+from metasel import core, data, dvn, models, persample, runs, train
 from metasel_experiments import shared_data
 from timing import time_ms
 
@@ -81,7 +81,7 @@ def loop_contributions(model, loss_fn, step_size: float):
 
 def contribution_times(model, loss_fn, dataset: data.Dataset, rounds: int) -> dict[str, float]:
   """Median milliseconds of the K contributions: ghost vmap, full-gradient vmap and a per-sample loop."""
-  params = models.init_params(model, jax.random.key(0), dataset.input_shape)
+  params = models.init(model, jax.random.key(0), dataset.input_shape)
   x, y = jnp.asarray(dataset.train.x[:NUM_SAMPLES]), jnp.asarray(dataset.train.y[:NUM_SAMPLES])
   val_x, val_y = jnp.asarray(dataset.val.x[:VAL_BATCH_SIZE]), jnp.asarray(dataset.val.y[:VAL_BATCH_SIZE])
   args = (params, x, y, val_x, val_y)
@@ -111,10 +111,11 @@ def contribution_times(model, loss_fn, dataset: data.Dataset, rounds: int) -> di
   return result
 
 
-def epoch_times(model, dataset: data.Dataset, methods: dict[str, train.Method], epochs: int, rounds: int):
+def epoch_times(model, dataset: data.Dataset, methods: dict[str, core.Method], epochs: int, rounds: int):
   """Median seconds per epoch of `train.fit` for each method, over interleaved rounds, first epochs left out."""
   config = train.TrainConfig(
-      epochs=epochs, batch_size=BATCH_SIZE, val_batch_size=VAL_BATCH_SIZE, optimizer="adam", learning_rate=1e-3, seed=0
+      epochs=epochs, batch_size=BATCH_SIZE, val_batch_size=VAL_BATCH_SIZE, optimizer="adam", learning_rate=1e-3, seed=0,
+      track_dynamics=False,
   )
   samples = {name: [] for name in methods}
   for _ in range(rounds):
@@ -146,7 +147,7 @@ def main() -> None:
   contrib = contribution_times(model, loss_fn, dataset, args.contrib_rounds)
   methods = {
       "dvn_epoch_s": dvn.dvn(model, loss_fn, period=PERIOD, num_samples=NUM_SAMPLES, step_size=STEP_SIZE),
-      "uniform_epoch_s": train.uniform(),
+      "uniform_epoch_s": core.uniform(),
       "grad_norm_epoch_s": dvn.grad_norm_sampler(model, loss_fn),
   }
   epochs = epoch_times(model, dataset, methods, args.epochs, args.rounds)

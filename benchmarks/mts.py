@@ -32,9 +32,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from metasel import gsnr, models, mts, persample, runs, signals, train
+from metasel import core, gsnr, models, mts, persample, runs, signals, train
 
 INPUT_DIM, NUM_CLASSES = 2000, 4
 SWEEP_BATCH_SIZES = (16, 32, 64, 128, 256)
@@ -53,12 +52,12 @@ def step_times(model, batch: int, val_batches: tuple[int, ...], steps: int, roun
   tx = train.make_optimizer("adam", 1e-3)
   x, y = _data(batch * steps)
   data = (x, y, x[:512], y[:512])
-  params = models.init_params(model, jax.random.key(1), (INPUT_DIM,))
+  params = models.init(model, jax.random.key(1), (INPUT_DIM,))
   features = mts.loss_features(model, loss_fn)
   methods = {
-      "plain_step_ms": train.uniform(),
-      "mts_step_ms": mts.mts(model, loss_fn, features, 1, lookahead=False),
-      "mts_lookahead_step_ms": mts.mts(model, loss_fn, features, 1),
+      "plain_step_ms": core.uniform(),
+      "mts_step_ms": mts.mts(model, loss_fn, features, lookahead=False),
+      "mts_lookahead_step_ms": mts.mts(model, loss_fn, features),
   }
   batches = jnp.arange(batch * steps).reshape(steps, batch)
   programs = {}
@@ -88,16 +87,16 @@ def sweep_times(model, val_batch: int, num_batches: int) -> dict[str, float]:
   loss_fn = persample.softmax_cross_entropy
   x, y = _data(2048, seed=4)
   val_x, val_y = _data(512, seed=5)
-  params = models.init_params(model, jax.random.key(1), (INPUT_DIM,))
+  params = models.init(model, jax.random.key(1), (INPUT_DIM,))
   meta_net = mts.MetaNet()
-  meta_params = meta_net.init(jax.random.key(6), jnp.zeros((1, 1)))["params"]
   features = mts.loss_features(model, loss_fn)
+  meta_params = mts.init_meta_net(meta_net, jax.random.key(6), features.width)
 
   def meta_grad(params, batch):
     model_params, meta_params = params
     bx, by, vx, vy = batch
-    ctx = train.StepContext(model_params, train.Batch(jnp.zeros_like(by), bx, by), vx, vy, jax.random.key(0))
-    inputs = mts.meta_inputs(features, 1, meta_net, ctx)
+    ctx = core.StepContext(model_params, core.Batch(jnp.zeros_like(by), bx, by), vx, vy, jax.random.key(0))
+    inputs = mts.meta_inputs(features, meta_net, ctx)
     weigh = lambda phi: mts.meta_weights(meta_net, phi, inputs)
     return mts.batch_hypergrad(model, loss_fn, weigh, meta_params, ctx).grads
 

@@ -1,4 +1,4 @@
-"""Timing helper shared by the benchmark scripts (run them from the repository root)."""
+"""Timing and memory helpers shared by the benchmark scripts (run them from the repository root)."""
 
 from __future__ import annotations
 
@@ -14,3 +14,14 @@ def time_ms(fn, args, inner: int) -> float:
     out = fn(*args)
   jax.block_until_ready(out)
   return (time.perf_counter() - start) / inner * 1e3
+
+
+def compiled_memory(fn, args) -> float | None:
+  """Megabytes a jitted `fn(*args)` needs beyond its arguments (temporaries plus outputs), by XLA's analysis.
+
+  None where the backend gives no analysis.
+  """
+  analysis = fn.lower(*args).compile().memory_analysis()
+  if analysis is None:
+    return None
+  return (analysis.temp_size_in_bytes + analysis.output_size_in_bytes) / 2**20

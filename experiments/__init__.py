@@ -50,15 +50,75 @@ def load_checked(experiment: str, spec: str, options: dict, seed: int, *, needs_
   return dataset
 
 
+MODELS = ("mlp", "cnn", "transformer")
+
+
+def is_text(spec: str) -> bool:
+  """Whether a dataset spec reads text (csv:, tsv:, lines:, tfds:, or a corrupted: mixture of one)."""
+  return spec.removeprefix("corrupted:").partition(":")[0] in ("csv", "tsv", "lines", "tfds")
+
+
+def with_representation(spec: str, options: dict, model: str) -> dict:
+  """Loader options for `model`: text read as token ids for the transformer (unless the options say otherwise)."""
+  if model == "transformer" and is_text(spec):
+    return {"representation": "tokens", **options}
+  return dict(options)
+
+
 def dataset_plan(config) -> dict[str, dict]:
   """Dataset spec -> loader options of an experiment config with `datasets` and per-spec `options`.
 
   The command line's `dataset`, when set, replaces `datasets` with that one, its options being
-  `options[dataset]` updated by `dataset_options`.
+  `options[dataset]` updated by `dataset_options`. With the transformer, text is read as token ids.
   """
+  model = getattr(config, "model", "mlp")
   if config.dataset is not None:
-    return {config.dataset: {**config.options.get(config.dataset, {}), **config.dataset_options}}
-  return {spec: dict(config.options.get(spec, {})) for spec in config.datasets}
+    options = {**config.options.get(config.dataset, {}), **config.dataset_options}
+    return {config.dataset: with_representation(config.dataset, options, model)}
+  return {spec: with_representation(spec, config.options.get(spec, {}), model) for spec in config.datasets}
+
+
+def check_model(name: str, dataset) -> None:
+  """Raise a clear error when the model `name` of `MODELS` cannot take the dataset's samples."""
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")
+  if name == "cnn" and len(dataset.input_shape) != 3:
+    raise ValueError(
+        f"model 'cnn' needs images of shape (height, width, channels), but {dataset.name!r} has samples of"
+        f" shape {dataset.input_shape}; use model 'mlp'"
+    )
+  if name == "transformer" and not dataset.is_tokens:
+    raise ValueError(
+        f"model 'transformer' needs text read as token ids, but {dataset.name!r} is not text"
+        " (expected a csv:, tsv:, lines: or tfds: text dataset); use model 'mlp'"
+    )
+  if name != "transformer" and dataset.is_tokens:
+    raise ValueError(f"{dataset.name!r} was read as token ids, which only model 'transformer' takes")
+
+
+def make_model(name: str, dataset, hidden: tuple[int, ...], options: dict | None = None):
+  """The model `name` of `MODELS` for a dataset, built from plain Flax layers.
+
+  `hidden` gives the MLP's hidden widths, the CNN's dense widths, and the transformer's width (its
+  first entry) and depth (the number of entries), with 4 heads when the width allows. The transformer's
+  token table has the loader's `vocab_size` (from `options`) rows, the most any seed's vocabulary holds,
+  so that one model (and its compiled programs) serves every seed.
+  """
+  from metasel import models
+  from metasel.data import text
+
+  check_model(name, dataset)
+  outputs = max(dataset.num_classes, 1)
+  if name == "mlp":
+    return models.MLP(tuple(hidden), num_outputs=outputs)
+  if name == "cnn":
+    return models.CNN(hidden=tuple(hidden), num_outputs=outputs)
+  width = hidden[0]
+  vocab_size = max((options or {}).get("vocab_size", text.DEFAULT_VOCAB_SIZE), len(dataset.vocabulary))
+  return models.Transformer(
+      vocab_size=vocab_size, num_outputs=outputs, max_length=dataset.input_shape[0], width=width,
+      depth=len(hidden), heads=4 if width % 4 == 0 else 1,
+  )
 
 
 def data_file(spec: str) -> str | None:
@@ -87,6 +147,8 @@ def check_plan(config) -> dict[str, dict]:
     raise ValueError(f"datasets {config.datasets!r} name a dataset twice; expected distinct specs")
   if not config.hidden or any(not isinstance(w, int) or w < 1 for w in config.hidden):
     raise ValueError(f"hidden must be positive layer widths, got {config.hidden!r}")
+  if getattr(config, "model", "mlp") not in MODELS:
+    raise ValueError(f"unknown model {config.model!r}; expected one of {MODELS}")
   for spec in plan:
     path = data_file(spec)
     if path is not None and not Path(path).expanduser().is_file():

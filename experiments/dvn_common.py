@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from metasel import data, dvn, models, stats, train
+from metasel import core, data, dvn, models, stats, train
 from metasel_experiments import ci_text, interval
 
 SAMPLERS = ("uniform", "grad-norm", "dvn", "dvn-unnormalised", "dvn-no-embedding-norm")
@@ -25,10 +25,10 @@ class SamplerSettings:
   temperature: float = 1.0
 
 
-def make_sampler(name: str, model, loss_fn, settings: SamplerSettings) -> train.Method:
+def make_sampler(name: str, model, loss_fn, settings: SamplerSettings) -> core.Method:
   """The sampler `name` of `SAMPLERS` for this model."""
   if name == "uniform":
-    return train.uniform()
+    return core.uniform()
   if name == "grad-norm":
     return dvn.grad_norm_sampler(model, loss_fn)
   options = dict(
@@ -46,10 +46,13 @@ def make_sampler(name: str, model, loss_fn, settings: SamplerSettings) -> train.
 
 
 def train_config(config, seed: int) -> train.TrainConfig:
-  """An experiment config's training settings (epochs, batch_size, val_batch_size, learning_rate) with Adam."""
+  """An experiment config's training settings (epochs, batch_size, val_batch_size, learning_rate) with Adam.
+
+  The per-sample tracker is off: the DVN experiments read no training dynamics.
+  """
   return train.TrainConfig(
       epochs=config.epochs, batch_size=config.batch_size, val_batch_size=config.val_batch_size,
-      optimizer="adam", learning_rate=config.learning_rate, seed=seed,
+      optimizer="adam", learning_rate=config.learning_rate, seed=seed, track_dynamics=False,
   )
 
 
@@ -78,7 +81,7 @@ class Run(NamedTuple):
   probs: np.ndarray | None
 
 
-def train_run(model, dataset: data.Dataset, config: train.TrainConfig, method: train.Method, log) -> Run:
+def train_run(model, dataset: data.Dataset, config: train.TrainConfig, method: core.Method, log) -> Run:
   """Train with `method`, passing each epoch's record to `log` and keeping the DVN's per-step signals."""
   probes, ess = [], []
 

@@ -38,8 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from metasel import data, models, runs, train
-from metasel_experiments import check_plan, ci_text, dataset_plan, dvn_common, interval, load_checked, shared_data
+from metasel import data, runs, train
+from metasel_experiments import (
+    check_model, check_plan, ci_text, dataset_plan, dvn_common, interval, load_checked, make_model, shared_data,
+)
 from metasel_experiments.dvn_common import SamplerSettings, claim, nanmean
 
 NAME = "dvn-text"
@@ -69,6 +71,7 @@ class Config:
   dataset_options: dict = dataclasses.field(default_factory=dict)
   samplers: tuple[str, ...] = dvn_common.SAMPLERS
   noise_levels: tuple[float, ...] = (0.0, 0.1, 0.2, 0.5)
+  model: str = "mlp"  # "mlp" on TF-IDF, or "transformer" on token ids (text read with representation="tokens")
   hidden: tuple[int, ...] = (128, 128)
   epochs: int = 3
   batch_size: int = 32
@@ -82,7 +85,7 @@ def get_config(quick: bool = False) -> Config:
   """The default configuration; `quick` makes a seconds-long version with the same code path."""
   if not quick:
     return Config()
-  small = {"n_train": 160, "n_val": 48, "n_test": 64, "max_features": 200}
+  small = {"n_train": 160, "n_val": 48, "n_test": 64, "max_features": 200, "max_length": 32, "vocab_size": 2000}
   return Config(
       datasets=("mixture",),
       options={"mixture": {"n_real": 160, "n_synthetic": 0, "n_val": 48, "n_test": 64, "dim": 16}, AG_NEWS: small},
@@ -106,6 +109,7 @@ def check(config: Config) -> None:
     raise ValueError(f"noise_levels must start with 0, the reference level, got {config.noise_levels!r}")
   for spec, options in plan.items():
     dataset = load_checked(NAME, spec, options, config.seeds[0])
+    check_model(config.model, dataset)
     try:
       settings = dvn_common.train_config(config, config.seeds[0])
       dvn_common.check_samplers(config.samplers, config.sampler, dataset, settings)
@@ -262,7 +266,7 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
   for spec, options in plan.items():
     datasets = {seed: data.load(spec, seed=seed, **options) for seed in config.seeds}
     first = datasets[config.seeds[0]]
-    model = models.MLP(config.hidden, num_outputs=first.num_classes)
+    model = make_model(config.model, first, config.hidden, options)
     per_dataset[spec] = {}
     for name in config.samplers:
       method = dvn_common.make_sampler(name, model, train.loss_fn_for(first), config.sampler)
@@ -273,7 +277,7 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
   if config.noise_levels:
     noise[0.0] = {name: per_dataset[noise_spec][name] for name in NOISE_SAMPLERS}
     clean = {seed: data.load(noise_spec, seed=seed, **plan[noise_spec]) for seed in config.seeds}
-    model = models.MLP(config.hidden, num_outputs=clean[config.seeds[0]].num_classes)
+    model = make_model(config.model, clean[config.seeds[0]], config.hidden, plan[noise_spec])
     loss_fn = train.loss_fn_for(clean[config.seeds[0]])
     for level in config.noise_levels[1:]:
       noisy = {seed: data.synthetic.label_noise(d, level, seed=seed) for seed, d in clean.items()}

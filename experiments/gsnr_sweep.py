@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metasel import data, gsnr, models, mts, persample, runs, stats, train
-from metasel_experiments import load_checked
+from metasel import core, data, gsnr, mts, persample, runs, stats, train
+from metasel_experiments import check_model, load_checked, make_model, with_representation
 
 NAME = "gsnr-sweep"
 
@@ -53,6 +53,7 @@ class Config:
   datasets: tuple[str, ...] = ("mixture", "digits-synthetic")
   dataset: str | None = None
   dataset_options: dict = dataclasses.field(default_factory=dict)
+  model: str = "mlp"  # "mlp", or "transformer" on text read as token ids
   hidden: tuple[int, ...] = (128, 128)
   warmup: train.TrainConfig = train.TrainConfig(epochs=3, batch_size=64, learning_rate=1e-3)
   batch_sizes: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024)
@@ -87,11 +88,15 @@ def get_config(quick: bool = False) -> Config:
 def dataset_plan(config: Config) -> dict[str, dict]:
   """Dataset spec -> loader options, after the command line's single `dataset` override."""
   if config.dataset is not None:
-    return {config.dataset: {**DEFAULT_OPTIONS.get(config.dataset, {}), **config.dataset_options}}
+    options = {**DEFAULT_OPTIONS.get(config.dataset, {}), **config.dataset_options}
+    return {config.dataset: with_representation(config.dataset, options, config.model)}
   unknown = set(config.dataset_options) - set(config.datasets)
   if unknown:
     raise ValueError(f"dataset_options name datasets not in datasets={config.datasets}: {sorted(unknown)}")
-  return {name: {**DEFAULT_OPTIONS.get(name, {}), **config.dataset_options.get(name, {})} for name in config.datasets}
+  return {
+      name: with_representation(name, {**DEFAULT_OPTIONS.get(name, {}), **config.dataset_options.get(name, {})}, config.model)
+      for name in config.datasets
+  }
 
 
 def check(config: Config) -> None:
@@ -110,7 +115,8 @@ def check(config: Config) -> None:
     raise ValueError(f"inner_learning_rate must be positive, got {config.inner_learning_rate!r}")
   for spec, options in plan.items():
     dataset = load_checked(NAME, spec, options, config.seeds[0])
-    if len(dataset.input_shape) != 1:
+    check_model(config.model, dataset)
+    if config.model == "mlp" and len(dataset.input_shape) != 1:
       raise ValueError(
           f"gsnr-sweep trains an MLP on flat features, but {spec!r} has samples of shape {dataset.input_shape};"
           " pass flatten=True for image datasets"
@@ -138,26 +144,23 @@ def check(config: Config) -> None:
 class Problem:
   """The model, meta-network and gradient functions of one dataset (the same objects for every seed)."""
 
-  def __init__(self, config: Config, num_classes: int):
+  def __init__(self, config: Config, dataset: data.Dataset, options: dict):
+    num_classes = dataset.num_classes
     self.config = config
-    self.model = models.MLP(config.hidden, num_outputs=num_classes)
+    self.model = make_model(config.model, dataset, config.hidden, options)
     self.loss_fn = persample.softmax_cross_entropy
     self.features = mts.concat_features(
         mts.loss_features(self.model, self.loss_fn), mts.position_features(self.model, self.loss_fn, num_classes)
     )
-    self.num_features = 6
     self.meta_net = mts.MetaNet(config.meta_hidden, num_classes=num_classes, num_groups=2)
     self.meta_grad = functools.partial(_meta_grad, self)
     self.model_grad = functools.partial(_model_grad, self)
     self.method = mts.mts(
-        self.model, self.loss_fn, self.features, self.num_features, meta_net=self.meta_net,
-        inner_learning_rate=config.inner_learning_rate,
+        self.model, self.loss_fn, self.features, meta_net=self.meta_net, inner_learning_rate=config.inner_learning_rate,
     )
 
   def init_meta(self, key):
-    return self.meta_net.init(
-        key, jnp.zeros((1, self.num_features)), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32)
-    )["params"]
+    return mts.init_meta_net(self.meta_net, key, self.features.width)
 
 
 def _meta_grad(problem: Problem, params, batch):
@@ -165,9 +168,9 @@ def _meta_grad(problem: Problem, params, batch):
   model_params, meta_params, val_x, val_y = params
   x, y, groups, key = batch
   val_rows = jax.random.choice(key, val_x.shape[0], (problem.config.val_batch_size,), replace=False)
-  batch = train.Batch(jnp.zeros_like(y), x, y, groups)
-  ctx = train.StepContext(model_params, batch, val_x[val_rows], val_y[val_rows], key)
-  inputs = mts.meta_inputs(problem.features, problem.num_features, problem.meta_net, ctx)
+  batch = core.Batch(jnp.zeros_like(y), x, y, groups)
+  ctx = core.StepContext(model_params, batch, val_x[val_rows], val_y[val_rows], key)
+  inputs = mts.meta_inputs(problem.features, problem.meta_net, ctx)
   hg = mts.batch_hypergrad(
       problem.model, problem.loss_fn, lambda phi: mts.meta_weights(problem.meta_net, phi, inputs), meta_params, ctx,
       inner_learning_rate=problem.config.inner_learning_rate,
@@ -399,8 +402,7 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
   metrics = runs.MetricsLog(out_dir / "metrics.jsonl")
   per_dataset, summaries = {}, {}
   for spec, options in dataset_plan(config).items():
-    num_classes = data.load(spec, seed=config.seeds[0], **options).num_classes
-    problem = Problem(config, num_classes)
+    problem = Problem(config, data.load(spec, seed=config.seeds[0], **options), options)
     per_dataset[spec] = [run_seed(config, spec, options, problem, seed, metrics.write) for seed in config.seeds]
     summaries[spec] = summarise_dataset(config, per_dataset[spec])
   summary = {"datasets": summaries, "seeds": list(config.seeds)}

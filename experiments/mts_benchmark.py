@@ -48,8 +48,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metasel import data, models, mts, runs, signals, stats, train
-from metasel_experiments import check_plan, ci_text, data_file, dataset_plan, interval, load_checked, shared_data
+from metasel import core, data, mts, runs, signals, stats, train
+from metasel_experiments import (
+    check_model, check_plan, ci_text, data_file, dataset_plan, interval, load_checked, make_model, shared_data,
+)
 
 NAME = "mts-benchmark"
 AG_NEWS = str(shared_data("ag_news/test.csv"))
@@ -83,7 +85,10 @@ DATASET_OPTIONS = {
 QUICK_OPTIONS = {
     "mixture": {"n_real": 80, "n_synthetic": 240, "n_val": 64, "n_test": 200, "dim": 16},
     "digits-synthetic": {"n_real": 100, "n_synthetic": 200, "n_val": 100, "n_test": 200, "flatten": True},
-    AG_NEWS_SPEC: {"n_train": 300, "n_real": 80, "n_synthetic": 240, "n_val": 64, "n_test": 200, "max_features": 300},
+    AG_NEWS_SPEC: {
+        "n_train": 300, "n_real": 80, "n_synthetic": 240, "n_val": 64, "n_test": 200, "max_features": 300,
+        "max_length": 32, "vocab_size": 2000,
+    },
 }
 
 
@@ -99,6 +104,7 @@ class Config:
   options: dict = dataclasses.field(default_factory=lambda: dict(DATASET_OPTIONS))
   dataset: str | None = None
   dataset_options: dict = dataclasses.field(default_factory=dict)
+  model: str = "mlp"  # "mlp", or "transformer" on text read as token ids
   hidden: tuple[int, ...] = (128, 128)
   epochs: int = 40
   small_batch: int = 64
@@ -148,6 +154,7 @@ def check(config: Config) -> None:
     )
   for spec, options in plan.items():
     dataset = load_checked(NAME, spec, options, config.seeds[0], needs_tiers=True)
+    check_model(config.model, dataset)
     for batch_size in (config.small_batch, config.large_batch):
       try:
         train_config(config, batch_size, config.seeds[0]).check(dataset)
@@ -160,12 +167,11 @@ def check(config: Config) -> None:
 
 
 class Arm(NamedTuple):
-  """One method as trained: the `train.Method`, its batch size, and how to score its weights."""
+  """One method as trained: the `core.Method`, its batch size, and how to score its weights."""
 
-  method: train.Method
+  method: core.Method
   batch_size: int
-  features: mts.FeatureFn | None = None
-  num_features: int = 0
+  features: mts.Features | None = None
   meta_net: mts.MetaNet | None = None
   standardize: bool = True
 
@@ -187,16 +193,14 @@ def make_arm(name: str, config: Config, model, dataset: data.Dataset, table: np.
     return Arm(mts.l2rw(model, loss_fn), batch_size)
   if name == "mwn":
     net = mts.MetaNet(hidden=(100,))
-    return Arm(mts.mwn(model, loss_fn, meta_net=net), batch_size, mts.loss_features(model, loss_fn), 1, net, False)
+    return Arm(mts.mwn(model, loss_fn, meta_net=net), batch_size, mts.loss_features(model, loss_fn), net, False)
   net = mts.MetaNet(num_classes=dataset.num_classes, num_groups=2)
-  features, width = mts.loss_features(model, loss_fn), 1
+  features = mts.loss_features(model, loss_fn)
   if name == "mts-features":
     features = mts.concat_features(
         features, mts.position_features(model, loss_fn, dataset.num_classes), mts.table_features(table)
     )
-    width = 1 + 5 + table.shape[1]
-  method = mts.mts(model, loss_fn, features, width, meta_net=net, name=name)
-  return Arm(method, batch_size, features, width, net)
+  return Arm(mts.mts(model, loss_fn, features, meta_net=net, name=name), batch_size, features, net)
 
 
 def reference_batch(dataset: data.Dataset, size: int, seed: int) -> tuple[jax.Array, jax.Array]:
@@ -209,8 +213,8 @@ def pool_scores(arm: Arm, model, dataset: data.Dataset, fit: train.FitResult, va
   """Each training sample's weight score (N,) at the end of training: high means up-weighted."""
   loss_fn = train.loss_fn_for(dataset)
   split = dataset.train
-  batch = train.Batch(jnp.arange(len(split)), jnp.asarray(split.x), jnp.asarray(split.y), jnp.asarray(split.groups))
-  ctx = train.StepContext(fit.state.params, batch, *val, jax.random.key(seed))
+  batch = core.Batch(jnp.arange(len(split)), jnp.asarray(split.x), jnp.asarray(split.y), jnp.asarray(split.groups))
+  ctx = core.StepContext(fit.state.params, batch, *val, jax.random.key(seed))
   if arm.meta_net is None:  # L2RW: the raw weight -d L_val / d eps_i of one virtual step at eps = 0
 
     @jax.jit
@@ -222,7 +226,7 @@ def pool_scores(arm: Arm, model, dataset: data.Dataset, fit: train.FitResult, va
 
   @jax.jit
   def scores(meta_params, ctx):
-    inputs = mts.meta_inputs(arm.features, arm.num_features, arm.meta_net, ctx, standardize=arm.standardize)
+    inputs = mts.meta_inputs(arm.features, arm.meta_net, ctx, standardize=arm.standardize)
     return arm.meta_net.apply({"params": meta_params}, *inputs)
 
   return np.asarray(scores(fit.state.method_state.params, ctx))
@@ -244,13 +248,14 @@ def weight_aucs(scores: np.ndarray, dataset: data.Dataset) -> tuple[float, dict[
 # Runs
 
 
-def run_seed(config: Config, spec: str, dataset: data.Dataset, seed: int, log, arms: dict[str, Arm]) -> dict[str, dict[str, Any]]:
+def run_seed(
+    config: Config, spec: str, model, dataset: data.Dataset, seed: int, log, arms: dict[str, Arm]
+) -> dict[str, dict[str, Any]]:
   """Train every method on one dataset and seed; returns per-method test accuracy and weight AUCs.
 
   `arms` keeps the methods of this dataset across seeds, so that their compiled epochs are reused; the
   one that depends on the seed's training dynamics (mts-features) is made anew.
   """
-  model = models.MLP(config.hidden, num_outputs=dataset.num_classes)
   val = reference_batch(dataset, config.val_batch_size, seed)
   results, table = {}, None
   for name in METHODS:
@@ -419,7 +424,8 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
     arms: dict[str, Arm] = {}
     for seed in config.seeds:
       dataset = data.load(spec, seed=seed, **options)
-      for name, result in run_seed(config, spec, dataset, seed, metrics.write, arms).items():
+      model = make_model(config.model, dataset, config.hidden, options)  # equal for every seed
+      for name, result in run_seed(config, spec, model, dataset, seed, metrics.write, arms).items():
         per_seed[spec][name].append(result)
   datasets = {spec: summarise_dataset(rows) for spec, rows in per_seed.items()}
   summary = {"seeds": list(config.seeds), "datasets": datasets, "per_seed": per_seed, "paper_gains": PAPER_GAINS}

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from metasel import data, models, persample, runs, signals, stats, train
-from metasel_experiments import load_checked
+from metasel import data, persample, runs, signals, stats, train
+from metasel_experiments import check_model, load_checked, make_model, with_representation
 
 NAME = "signals-report"
 
@@ -37,7 +36,7 @@ class Config:
 
   dataset: str = "mixture"
   dataset_options: dict = dataclasses.field(default_factory=dict)
-  model: str = "mlp"  # "mlp", or "cnn" for image datasets such as digits-synthetic
+  model: str = "mlp"  # "mlp", "cnn" for image datasets such as digits-synthetic, "transformer" for text
   hidden: tuple[int, ...] = (128, 128)
   train: train.TrainConfig = train.TrainConfig(epochs=15, batch_size=64, learning_rate=1e-3)
   seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -58,24 +57,17 @@ def get_config(quick: bool = False) -> Config:
   )
 
 
-MODELS = {
-    "mlp": lambda config, num_outputs: models.MLP(config.hidden, num_outputs=num_outputs),
-    "cnn": lambda config, num_outputs: models.CNN(hidden=config.hidden, num_outputs=num_outputs),
-}
+def dataset_options(config: Config) -> dict:
+  """The loader options of the configured dataset (text as token ids for the transformer)."""
+  return with_representation(config.dataset, config.dataset_options, config.model)
 
 
 def check(config: Config) -> None:
   """Raise a clear error for a configuration that cannot run, before any training or writing."""
   if not config.seeds:
     raise ValueError("seeds must name at least one seed, got none")
-  dataset = load_checked(NAME, config.dataset, config.dataset_options, config.seeds[0], needs_tiers=True)
-  if config.model not in MODELS:
-    raise ValueError(f"unknown model {config.model!r}; expected one of {sorted(MODELS)}")
-  if config.model == "cnn" and len(dataset.input_shape) != 3:
-    raise ValueError(
-        f"model 'cnn' needs images of shape (height, width, channels), but {config.dataset!r} has samples of"
-        f" shape {dataset.input_shape}; use model 'mlp'"
-    )
+  dataset = load_checked(NAME, config.dataset, dataset_options(config), config.seeds[0], needs_tiers=True)
+  check_model(config.model, dataset)
   config.train.check(dataset)
 
 
@@ -91,7 +83,7 @@ def pool_signals(
     tape = persample.record(model, params, x, y, loss_fn)
     out = {
         "loss": tape.losses,
-        "grad_norm": persample.grad_norms(model, params, x, y, loss_fn),
+        "grad_norm": persample.grad_norms(model, params, x, y, loss_fn, tape=tape),
         "embedding_norm": signals.embedding_norm(tape.embeddings),
     }
     max_cos, mean_topk_cos = signals.redundancy(tape.embeddings, k=config.redundancy_k)
@@ -102,7 +94,7 @@ def pool_signals(
           margin=signals.margin(tape.outputs, y),
           el2n=signals.el2n(tape.outputs, y),
       )
-      _, val_emb = model.apply({"params": params}, val_x)
+      val_emb = persample.embeddings(model, params, val_x)
       out.update(
           signals.position_features(
               tape.embeddings,
@@ -126,8 +118,9 @@ def pool_signals(
 
 def run_seed(config: Config, seed: int, log) -> dict[str, Any]:
   """Train one seed and score every signal against the true tiers."""
-  dataset = data.load(config.dataset, seed=seed, **config.dataset_options)
-  model = MODELS[config.model](config, dataset.num_classes)
+  options = dataset_options(config)
+  dataset = data.load(config.dataset, seed=seed, **options)
+  model = make_model(config.model, dataset, config.hidden, options)
   train_config = dataclasses.replace(config.train, seed=seed)
   fit = train.fit(model, dataset, train_config, log=lambda r: log({"seed": seed, **r}))
   values = pool_signals(model, fit.state.params, fit.state.tracker, dataset, config)

@@ -14,14 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metasel import data, gsnr, models, mts, persample, stats, train
+from metasel import core, data, gsnr, models, mts, persample, stats, train
 
 QUICK = os.environ.get("METASEL_QUICK") == "1"
 sizes = {"n_real": 200, "n_synthetic": 400, "n_val": 100, "n_test": 100} if QUICK else {}
 dataset = data.load("mixture", seed=0, **sizes)
 model = models.MLP((64, 64), num_outputs=dataset.num_classes)
 loss_fn = train.loss_fn_for(dataset)
-params = models.init_params(model, jax.random.key(0), dataset.input_shape)
+params = models.init(model, jax.random.key(0), dataset.input_shape)
 x, y = jnp.asarray(dataset.train.x[:64]), jnp.asarray(dataset.train.y[:64])
 val_x, val_y = jnp.asarray(dataset.val.x[:64]), jnp.asarray(dataset.val.y[:64])
 
@@ -49,14 +49,15 @@ print("max |autodiff - closed form|:", float(jnp.max(jnp.abs(hg.grads[0] - close
 
 # %%
 meta_net = mts.MetaNet(hidden=(32,))
-meta_params = meta_net.init(jax.random.key(1), jnp.zeros((1, 1)))["params"]
+loss_only = mts.loss_features(model, loss_fn)
+meta_params = mts.init_meta_net(meta_net, jax.random.key(1), loss_only.width)
 
 
 def meta_grad(both, batch):
   model_params, phi = both
   bx, by = batch
-  ctx = train.StepContext(model_params, train.Batch(jnp.zeros_like(by), bx, by), val_x, val_y, jax.random.key(0))
-  inputs = mts.meta_inputs(mts.loss_features(model, loss_fn), 1, meta_net, ctx)
+  ctx = core.StepContext(model_params, core.Batch(jnp.zeros_like(by), bx, by), val_x, val_y, jax.random.key(0))
+  inputs = mts.meta_inputs(loss_only, meta_net, ctx)
   weigh = lambda phi: mts.meta_weights(meta_net, phi, inputs)
   return mts.batch_hypergrad(model, loss_fn, weigh, phi, ctx, inner_learning_rate=lr).grads
 
@@ -69,7 +70,7 @@ for b, g in results.items():
 
 # %% [markdown]
 # ## Training with each method
-# Every method is a `train.Method`, so `train.fit` runs them all the same way. The AUC of MTS's learned
+# Every method is a `core.Method`, so `train.fit` runs them all the same way. The AUC of MTS's learned
 # weights against the true corrupt tier says whether it found the bad data (above 0.5: lower weight on
 # corrupt samples).
 
@@ -77,10 +78,10 @@ for b, g in results.items():
 config = train.TrainConfig(epochs=2 if QUICK else 10, batch_size=64, val_batch_size=64, learning_rate=3e-3)
 features = mts.concat_features(mts.loss_features(model, loss_fn), mts.position_features(model, loss_fn, dataset.num_classes))
 methods = {
-    "uniform": train.uniform(),
+    "uniform": core.uniform(),
     "l2rw": mts.l2rw(model, loss_fn),
     "mwn": mts.mwn(model, loss_fn),
-    "mts": mts.mts(model, loss_fn, features, 6, meta_net=mts.MetaNet(num_classes=dataset.num_classes, num_groups=2)),
+    "mts": mts.mts(model, loss_fn, features, meta_net=mts.MetaNet(num_classes=dataset.num_classes, num_groups=2)),
 }
 fits = {name: train.fit(model, dataset, config, method) for name, method in methods.items()}
 for name, fit in fits.items():
@@ -88,8 +89,8 @@ for name, fit in fits.items():
 
 fit = fits["mts"]
 train_x, train_y = jnp.asarray(dataset.train.x), jnp.asarray(dataset.train.y)
-ctx = train.StepContext(
-    fit.state.params, train.Batch(jnp.arange(len(train_y)), train_x, train_y, jnp.asarray(dataset.train.groups)),
+ctx = core.StepContext(
+    fit.state.params, core.Batch(jnp.arange(len(train_y)), train_x, train_y, jnp.asarray(dataset.train.groups)),
     jnp.asarray(dataset.val.x), jnp.asarray(dataset.val.y), jax.random.key(3),
 )
 weights = methods["mts"].weights(fit.state.method_state, ctx)[0]

@@ -12,7 +12,7 @@ import pytest
 import sklearn.datasets
 
 from metasel import data
-from metasel.data import sampling, synthetic, text
+from metasel.data import readers, sampling, synthetic
 from metasel_experiments import shared_data
 
 SPLITS = ("train", "val", "test")
@@ -175,7 +175,7 @@ def test_csv_with_header_quotes_escapes_and_train_only_vocabulary(tmp_path):
   # Titles t0..t59 are unique words: only those of train rows can be in the vocabulary.
   titles = {f"t{i}" for i in ds.train.source_index}
   assert {f for f in ds.feature_names if f[0] == "t" and f[1:].isdigit()} <= titles
-  labels, texts, _ = text.read_table(path)
+  labels, texts, _ = readers.read_table(path)
   assert labels[1] == "1" and texts[1] == 't1 beta body "gamma", more\ntext'
 
 
@@ -188,11 +188,13 @@ def test_tsv_and_numeric_class_order(tmp_path):
   assert (ds.train.x[ds.train.y == 9, word] > 0).all()
 
 
-def test_lines_format_strips_quotes_and_maps_labels(tmp_path):
+def test_lines_format_strips_quotes_when_asked_and_maps_labels(tmp_path):
   lines = [f'{i % 3} "review {i} good\\nbad ."' if i % 2 else f"{i % 3} review {i} plain" for i in range(60)]
   path = _write(tmp_path, "y.txt", "\n".join(lines) + "\n")
-  labels, texts, rows = text.read_lines(path)
+  labels, texts, rows = readers.read_lines(path, strip_quotes=True)
   assert labels[1] == "1" and texts[1] == "review 1 good\nbad ." and texts[0] == "review 0 plain"
+  as_written = readers.read_lines(path)[1]  # by default every text is kept as written, quotes included
+  assert as_written[1] == '"review 1 good\nbad ."' and as_written[0] == "review 0 plain"
   ds = data.load(f"lines:{path}", label_map={0: 0, 2: 1}, n_train=20, n_val=10, n_test=10)
   assert ds.num_classes == 2 and ds.class_names == ("0", "2")
   kept = np.concatenate([getattr(ds, s).source_index for s in SPLITS])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import runpy
 import subprocess
 import sys
@@ -29,6 +28,41 @@ def test_experiment_quick_run_writes_results(name, tmp_path, capsys):
   assert summary["seeds"] == list(metasel_experiments.get(name).get_config(quick=True).seeds)
   assert "results in" in capsys.readouterr().out
   assert cli.main(["report", str(run_dir)]) == 0
+
+
+def test_dvn_text_trains_the_transformer_on_token_ids(tmp_path):
+  """`--model transformer` on AG News read as token ids, end to end."""
+  module = metasel_experiments.get("dvn-text")
+  config = dataclasses.replace(
+      module.get_config(quick=True), dataset=module.AG_NEWS, model="transformer", seeds=(0,), noise_levels=(),
+      samplers=("uniform", "dvn"),
+  )
+  module.check(config)
+  samplers = module.run(config, tmp_path)["datasets"][module.AG_NEWS]["samplers"]
+  assert set(samplers) == {"uniform", "dvn"}
+  assert all(0.0 <= m["accuracy"]["mean"] <= 1.0 for m in samplers.values())
+
+
+@pytest.mark.parametrize("name", ["mts-benchmark", "gsnr-sweep", "signals-report"])
+def test_every_text_experiment_takes_the_transformer(name):
+  """The other experiments that train on text load it as token ids for the transformer and accept it."""
+  module = metasel_experiments.get(name)
+  ag_news = metasel_experiments.shared_data("ag_news/test.csv")
+  small = {"n_train": 200, "n_val": 64, "n_test": 64, "max_length": 16, "vocab_size": 500}
+  spec, options = f"csv:{ag_news}", small
+  if name in ("mts-benchmark", "signals-report"):  # they score weights against known corruption
+    spec, options = f"corrupted:csv:{ag_news}", {**small, "n_real": 50, "n_synthetic": 150}
+  config = dataclasses.replace(module.get_config(quick=True), dataset=spec, dataset_options=options, model="transformer")
+  module.check(config)
+
+
+def test_text_experiments_refuse_a_model_that_cannot_take_the_data():
+  text = metasel_experiments.get("dvn-text")
+  quick = text.get_config(quick=True)
+  with pytest.raises(ValueError, match="model 'transformer' needs text read as token ids"):
+    text.check(dataclasses.replace(quick, model="transformer"))  # the quick default is the generated mixture
+  with pytest.raises(ValueError, match="unknown model 'rnn'"):
+    text.check(dataclasses.replace(quick, model="rnn"))
 
 
 def test_signals_report_finds_the_corrupted_samples(tmp_path):

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from metasel import gsnr, persample
-from metasel.models import MLP, init_params
+from metasel._static import StaticCallable
+from metasel.models import MLP, init
 
 DIM = 4
 RESIDUAL = np.array([1.0, -0.5, 0.8, 1.2], np.float32)  # r = w - w*
@@ -114,7 +116,7 @@ def test_gsnr_grows_with_batch_size_and_per_sample_estimator():
 def _mlp_setup():
   model = MLP(hidden=(16,), num_outputs=3)
   kp, kx, ky = jax.random.split(jax.random.key(5), 3)
-  params = init_params(model, kp, (5,))
+  params = init(model, kp, (5,))
   data = (jax.random.normal(kx, (256, 5)), jax.random.randint(ky, (256,), 0, 3))
   traces = []
 
@@ -171,8 +173,10 @@ def test_bad_input_raises_before_compute():
     gsnr.sweep(grad_fn, params, data, (0,), num_batches=4, key=key)
   with pytest.raises(ValueError, match="num_batches must be an integer >= 2, got 1"):
     gsnr.sweep(grad_fn, params, data, (8,), num_batches=1, key=key)
-  with pytest.raises(ValueError, match="chunk_size must be an integer >= 1, got 0"):
+  with pytest.raises(ValueError, match="chunk_size must be an integer >= 1 or None, got 0"):
     gsnr.sweep(grad_fn, params, data, (8,), num_batches=4, key=key, chunk_size=0)
+  with pytest.raises(ValueError, match="grad_fn must be callable, got 3 of type int"):
+    gsnr.sweep(3, params, data, (8,), num_batches=4, key=key)
   with pytest.raises(ValueError, match="batch_size 60 exceeds the pool of 50 rows"):
     gsnr.draw_rows(key, jnp.zeros((50, 2)), 60)
   with pytest.raises(ValueError, match="at least 2 batches.*got 1"):
@@ -180,3 +184,92 @@ def test_bad_input_raises_before_compute():
   with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
     gsnr.from_per_sample(jnp.ones((5, 3)), 0)
   assert not traces
+
+
+# ----------------------------------------------------------------------------------------------------
+# A new but equal gradient function reuses the compiled program.
+
+
+def _scaled_grad(scale, traces):
+  """A new closure on every call: `scale` times the linear gradient; each trace appends to `traces`."""
+
+  def grad_fn(w, batch):
+    traces.append(scale)
+    return scale * _linear_grad(w, batch)
+
+  return grad_fn
+
+
+def test_sweep_reuses_the_program_for_a_new_but_equal_function():
+  data, w = _linear_data(jax.random.key(10), (64,))
+  key, traces = jax.random.key(11), []
+  compiled = gsnr._measure_drawn._cache_size
+  run = functools.partial(gsnr.sweep, params=w, data=data, batch_sizes=(8,), num_batches=6, key=key)
+  start = compiled()
+  first = run(_scaled_grad(2.0, traces))[8]
+  assert traces == [2.0] and compiled() == start + 1
+  again = run(_scaled_grad(2.0, traces))[8]  # a new closure with equal contents: no trace, no compile
+  assert traces == [2.0] and compiled() == start + 1
+  chex.assert_trees_all_equal(tuple(again), tuple(first))
+
+  other = run(_scaled_grad(3.0, traces))[8]  # a different captured value: its own program
+  assert traces == [2.0, 3.0] and compiled() == start + 2
+  np.testing.assert_allclose(other.signal, 2.25 * first.signal, rtol=1e-5)
+  np.testing.assert_allclose(other.aggregate, first.aggregate, rtol=1e-5)  # GSNR ignores the scale
+  chex.assert_trees_all_equal(tuple(run(_scaled_grad(3.0, traces))[8]), tuple(other))
+  assert compiled() == start + 2
+
+
+_README = """
+per_sample_loss = lambda w, x, y: SCALE * jnp.square(x @ w - y)
+model_grad = lambda p, batch: jax.grad(lambda q: per_sample_loss(q, *batch).mean())(p)
+"""
+
+
+def _readme_grad(scale):
+  """`model_grad` as the README builds it, from a fresh run of its code: it reads its loss from globals."""
+  namespace = {"jax": jax, "jnp": jnp, "SCALE": scale}
+  exec(_README, namespace)  # pylint: disable=exec-used
+  return namespace["model_grad"]
+
+
+def test_static_callable_compares_code_closures_and_globals_read():
+  same = StaticCallable(_scaled_grad(2.0, [])), StaticCallable(_scaled_grad(2.0, []))
+  assert same[0] != same[1]  # two different lists (unhashable) captured: compared by identity
+  traces = []
+  a, b = StaticCallable(_scaled_grad(2.0, traces)), StaticCallable(_scaled_grad(2.0, traces))
+  assert a == b and hash(a) == hash(b) and a.fn is not b.fn
+  assert a != StaticCallable(_scaled_grad(3.0, traces))
+  assert a != StaticCallable(_scaled_grad(2, traces))  # an int traces differently from a float
+  assert a != StaticCallable(lambda w, batch: 2.0 * _linear_grad(w, batch))  # other code
+  assert StaticCallable(_readme_grad(0.5)) == StaticCallable(_readme_grad(0.5))
+  assert StaticCallable(_readme_grad(0.5)) != StaticCallable(_readme_grad(0.25))  # a global read differs
+
+  def shift(value):
+    return lambda x: x + value
+
+  array = jnp.ones(3)
+  assert StaticCallable(shift(array)) == StaticCallable(shift(array))
+  assert StaticCallable(shift(array)) != StaticCallable(shift(jnp.ones(3)))  # equal values, other array
+
+  assert StaticCallable(functools.partial(_scaled_grad(2.0, traces), batch=1)) == StaticCallable(
+      functools.partial(_scaled_grad(2.0, traces), batch=1)
+  )
+  assert StaticCallable(functools.partial(_linear_grad, batch=1)) != StaticCallable(
+      functools.partial(_linear_grad, batch=2)
+  )
+  assert StaticCallable(a) == a and StaticCallable(a).fn is a.fn
+
+
+def test_static_callable_delegates_and_survives_recursion():
+  def factorial_fn():
+    def factorial(n):
+      return 1 if n <= 1 else n * factorial(n - 1)
+
+    return factorial
+
+  wrapped = StaticCallable(factorial_fn())  # the closure holds the function itself
+  assert wrapped(5) == 120 and wrapped == StaticCallable(wrapped.fn)
+  assert wrapped != StaticCallable(factorial_fn())  # a cycle is compared by identity
+  with pytest.raises(ValueError, match="fn must be callable, got 'x' of type str"):
+    StaticCallable("x")

@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from jax.test_util import check_grads
 
-from metasel import data, models, mts, persample, signals, train
+from metasel import core, data, models, mts, persample, signals, train
 
 LR = 0.3
 B, D, C = 12, 5, 3
@@ -21,7 +22,7 @@ def _mlp_problem(seed=0):
   """A small MLP classifier, a training batch, a validation batch and per-sample features."""
   model = models.MLP(hidden=(8,), num_outputs=C, activation=jnp.tanh)
   keys = jax.random.split(jax.random.key(seed), 6)
-  params = models.init_params(model, keys[0], (D,))
+  params = models.init(model, keys[0], (D,))
   x, vx = jax.random.normal(keys[1], (B, D)), jax.random.normal(keys[2], (7, D))
   y, vy = jax.random.randint(keys[3], (B,), 0, C), jax.random.randint(keys[4], (7,), 0, C)
   per_sample = lambda p, xb, yb: persample.losses(model, p, xb, yb, persample.softmax_cross_entropy)
@@ -211,7 +212,7 @@ def test_l2rw_weights_are_non_negative_and_sum_to_one(seed):
   model, params, (x, y), _, _, _ = _mlp_problem(seed)
   keys = jax.random.split(jax.random.key(seed + 10), 2)
   vx, vy = jax.random.normal(keys[0], (16, D)), jax.random.randint(keys[1], (16,), 0, C)
-  ctx = train.StepContext(params, train.Batch(jnp.arange(B), x, y), vx, vy, keys[0])
+  ctx = core.StepContext(params, core.Batch(jnp.arange(B), x, y), vx, vy, keys[0])
   method = mts.l2rw(model, persample.softmax_cross_entropy)
   w, _, metrics = jax.jit(method.weights)(method.init(keys[0], B), ctx)
   assert np.all(np.asarray(w) >= 0)
@@ -221,6 +222,78 @@ def test_l2rw_weights_are_non_negative_and_sum_to_one(seed):
   dots = persample.grad_dots(model, params, x, y, val_grad, persample.softmax_cross_entropy, method="vmap")
   np.testing.assert_array_equal(np.asarray(w) > 0, np.asarray(dots) > 0)
   np.testing.assert_allclose(w, np.maximum(dots, 0) / np.maximum(dots, 0).sum(), rtol=1e-4, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Features, meta-inputs and the meta-step
+
+
+def test_features_name_their_columns_and_meta_inputs_follow_them():
+  model, params, (x, y), _, _, _ = _mlp_problem()
+  table = np.arange(3 * B, dtype=np.float32).reshape(B, 3)
+  feats = mts.concat_features(mts.loss_features(model, persample.softmax_cross_entropy), mts.table_features(table, ("a", "b", "c")))
+  assert feats.names == ("loss", "a", "b", "c") and feats.width == 4
+  assert mts.table_features(table).names == ("table_0", "table_1", "table_2")
+  assert mts.position_features(model, persample.softmax_cross_entropy, C).width == 5
+  ctx = core.StepContext(params, core.Batch(jnp.arange(B)[::-1], x, y, jnp.arange(B) % 2), x[:7], y[:7], jax.random.key(0))
+  raw = np.asarray(feats(params, ctx))
+  np.testing.assert_allclose(raw[:, 1:], table[::-1], rtol=1e-6)  # the batch's rows of the table
+  np.testing.assert_allclose(raw[:, 0], persample.losses(model, params, x, y, persample.softmax_cross_entropy), rtol=1e-5)
+  plain, labels, groups = mts.meta_inputs(feats, mts.MetaNet(), ctx, standardize=False)
+  np.testing.assert_allclose(plain, raw, rtol=1e-6)
+  assert labels is None and groups is None
+  scored, labels, groups = mts.meta_inputs(feats, mts.MetaNet(num_classes=C, num_groups=2), ctx)
+  np.testing.assert_allclose(scored, mts.zscore(jnp.asarray(raw)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(labels, y)
+  np.testing.assert_array_equal(groups, jnp.arange(B) % 2)
+  # A meta-network initialised for the width takes the inputs.
+  net = mts.MetaNet(hidden=(6,), num_classes=C, num_groups=2)
+  meta_params = mts.init_meta_net(net, jax.random.key(1), feats.width)
+  assert meta_params["Dense_0"]["kernel"].shape == (4 + 4 + 1, 6)  # features, class and group embeddings
+  weights = mts.meta_weights(net, meta_params, (scored, labels, groups))
+  assert weights.shape == (B,) and np.all(np.asarray(weights) > 0)
+  np.testing.assert_allclose(float(jnp.sum(weights)), 1.0, rtol=1e-5)
+
+
+def test_meta_step_takes_finite_steps_and_skips_the_others():
+  net = mts.MetaNet(hidden=(3,))
+  meta_params = mts.init_meta_net(net, jax.random.key(0), 2)
+  flat_params, _ = jax.flatten_util.ravel_pytree(meta_params)
+  sgd = optax.sgd(0.5)
+  state = mts.MetaState(meta_params, sgd.init(flat_params), jnp.zeros((), jnp.int32), jnp.asarray(0.1))
+  grads = jax.tree.map(jnp.ones_like, meta_params)
+  stepped, metrics = jax.jit(lambda s, g: mts.meta_step(sgd, s, g))(state, grads)
+  for a, b in zip(jax.tree.leaves(stepped.params), jax.tree.leaves(meta_params)):
+    np.testing.assert_allclose(a, b - 0.5, rtol=1e-6, atol=1e-6)
+  assert int(stepped.skipped) == 0 and int(metrics["meta/skipped"]) == 0
+  np.testing.assert_allclose(float(metrics["meta/grad_norm"]), np.sqrt(flat_params.size), rtol=1e-6)
+  poisoned = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.inf), grads)
+  skipped, metrics = jax.jit(lambda s, g: mts.meta_step(sgd, s, g))(state, poisoned)
+  for a, b in zip(jax.tree.leaves(skipped.params), jax.tree.leaves(meta_params)):
+    np.testing.assert_array_equal(a, b)
+  assert int(skipped.skipped) == 1 and int(metrics["meta/skipped"]) == 1
+  assert float(skipped.inner_learning_rate) == pytest.approx(0.1)
+
+
+def test_mts_inner_learning_rate_is_traced_state():
+  model, params, (x, y), _, _, _ = _mlp_problem()
+  loss, net = persample.softmax_cross_entropy, mts.MetaNet(hidden=(6,))
+  feats = mts.loss_features(model, loss)
+  method = mts.mts(model, loss, feats, meta_net=net, inner_learning_rate=0.2)
+  state = method.init(jax.random.key(0), B)
+  assert state.inner_learning_rate.dtype == jnp.float32 and float(state.inner_learning_rate) == pytest.approx(0.2)
+  ctx = core.StepContext(params, core.Batch(jnp.arange(B), x, y), x[:7], y[:7], jax.random.key(0))
+  weights = jax.jit(method.weights)
+  val_losses = [float(weights(state._replace(inner_learning_rate=jnp.asarray(lr, jnp.float32)), ctx)[2]["meta/val_loss"]) for lr in (0.2, 2.0)]
+  assert weights._cache_size() == 1
+  # The validation loss after the virtual step is that of the meta-weighted SGD step at the state's rate.
+  w = mts.meta_weights(net, state.params, mts.meta_inputs(feats, net, ctx))
+  grad = jax.grad(lambda p: jnp.sum(w * persample.losses(model, p, x, y, loss)))(params)
+  for lr, val_loss in zip((0.2, 2.0), val_losses):
+    stepped = jax.tree.map(lambda p, g, lr=lr: p - lr * g, params, grad)
+    expected = float(jnp.mean(persample.losses(model, stepped, x[:7], y[:7], loss)))
+    assert val_loss == pytest.approx(expected, rel=1e-4)
+  assert val_losses[0] != pytest.approx(val_losses[1], rel=1e-3)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -251,15 +324,15 @@ def _methods():
       "uniform": mts.uniform(),
       "l2rw": mts.l2rw(MODEL, LOSS),
       "mwn": mts.mwn(MODEL, LOSS),
-      "mts": mts.mts(MODEL, LOSS, feats, 4),
-      "mts-online": mts.mts(MODEL, LOSS, feats, 4, lookahead=False),
-      "mts-position": mts.mts(MODEL, LOSS, mts.position_features(MODEL, LOSS, C), 5, meta_net=embed),
+      "mts": mts.mts(MODEL, LOSS, feats),
+      "mts-online": mts.mts(MODEL, LOSS, feats, lookahead=False),
+      "mts-position": mts.mts(MODEL, LOSS, mts.position_features(MODEL, LOSS, C), meta_net=embed),
       "mts-softmax-k2-remat-adam": mts.mts(
-          MODEL, LOSS, feats, 4, steps=2, remat=True, normalization="softmax",
+          MODEL, LOSS, feats, steps=2, remat=True, normalization="softmax",
           inner_optimizer=lambda lr: optax.adam(lr, eps_root=1e-16), inner_learning_rate=0.01,
       ),
-      "mts-first-order": mts.mts(MODEL, LOSS, feats, 4, steps=2, mode="first_order"),
-      "mts-finite-difference": mts.mts(MODEL, LOSS, feats, 4, mode="finite_difference", meta_net=mts.MetaNet(output="softplus")),
+      "mts-first-order": mts.mts(MODEL, LOSS, feats, steps=2, mode="first_order"),
+      "mts-finite-difference": mts.mts(MODEL, LOSS, feats, mode="finite_difference", meta_net=mts.MetaNet(output="softplus")),
   }
 
 
@@ -276,7 +349,7 @@ def test_every_method_conforms_under_jit(name):
   dataset = _blobs()
   config = train.TrainConfig(epochs=2, batch_size=16, val_batch_size=16, optimizer="adam", learning_rate=1e-2)
   tx = train.make_optimizer(config.optimizer, config.learning_rate)
-  params = models.init_params(MODEL, jax.random.key(0), dataset.input_shape)
+  params = models.init(MODEL, jax.random.key(0), dataset.input_shape)
   groups = jnp.arange(96) % 2
   data = tuple(jnp.asarray(a) for a in (dataset.train.x, dataset.train.y, dataset.val.x, dataset.val.y)) + (groups,)
   state = train.LoopState(
@@ -284,8 +357,8 @@ def test_every_method_conforms_under_jit(name):
       jnp.zeros((), jnp.int32), jax.random.key(2),
   )
   # Weights of one step, under jit: finite, non-negative, summing to one.
-  batch = train.Batch(jnp.arange(16), data[0][:16], data[1][:16], groups[:16])
-  ctx = train.StepContext(params, batch, data[2][:16], data[3][:16], jax.random.key(4))
+  batch = core.Batch(jnp.arange(16), data[0][:16], data[1][:16], groups[:16])
+  ctx = core.StepContext(params, batch, data[2][:16], data[3][:16], jax.random.key(4))
   weights, _, metrics = jax.jit(method.weights)(state.method_state, ctx)
   assert np.all(np.isfinite(weights)) and np.all(np.asarray(weights) >= 0)
   np.testing.assert_allclose(float(jnp.sum(weights)), 1.0, rtol=1e-5)
@@ -312,24 +385,24 @@ def test_online_sensitivity_is_the_closed_form_of_the_loop_step():
   tx = optax.sgd(lr)
   recorded = {}
 
-  def update(state, ctx, result):
-    val_grad = jax.grad(lambda p: jnp.mean(LOSS(MODEL.apply({"params": p}, ctx.val_x)[0], ctx.val_y)))(result.params)
+  def update(state, ctx, result, carry):
+    val_grad = jax.grad(lambda p: jnp.mean(LOSS(MODEL.apply({"params": p}, ctx.val_x), ctx.val_y)))(result.params)
     recorded.update(ctx=ctx, params=result.params)
     return result.weight_vjp(val_grad), {}
 
-  probe = train.Method(
+  probe = core.Method(
       init=lambda key, n: jnp.zeros(16),
-      weights=lambda state, ctx: (jnp.full(16, 1 / 16), state, {}),
+      weights=lambda state, ctx: (jnp.full(16, 1 / 16), (), {}),
       update=update,
   )
-  params = models.init_params(MODEL, jax.random.key(0), dataset.input_shape)
+  params = models.init(MODEL, jax.random.key(0), dataset.input_shape)
   data = tuple(jnp.asarray(a) for a in (dataset.train.x, dataset.train.y, dataset.val.x, dataset.val.y))
   state = train.LoopState(params, tx.init(params), jnp.zeros(16), signals.tracker_init(96), jnp.zeros((), jnp.int32), jax.random.key(2))
   with jax.disable_jit():
     final, _ = train.make_epoch(MODEL, LOSS, tx, probe, 16)(state, data, jnp.arange(16)[None])
   ctx = recorded["ctx"]
-  val_grad = jax.grad(lambda p: jnp.mean(LOSS(MODEL.apply({"params": p}, ctx.val_x)[0], ctx.val_y)))(recorded["params"])
-  per_sample = lambda p, x, y: LOSS(MODEL.apply({"params": p}, x)[0], y)
+  val_grad = jax.grad(lambda p: jnp.mean(LOSS(MODEL.apply({"params": p}, ctx.val_x), ctx.val_y)))(recorded["params"])
+  per_sample = lambda p, x, y: LOSS(MODEL.apply({"params": p}, x), y)
   expected = -lr * _per_sample_grads(per_sample, params, ctx.batch.x, ctx.batch.y) @ _flat(val_grad)
   np.testing.assert_allclose(final.method_state, expected, rtol=1e-4, atol=1e-7)
 
@@ -347,13 +420,17 @@ def test_mts_learns_to_down_weight_label_noise(lookahead):
       tier_names=("clean", "flipped"),
   )
   config = train.TrainConfig(epochs=10, batch_size=32, val_batch_size=32, learning_rate=1e-2)
-  method = mts.mts(MODEL, LOSS, mts.loss_features(MODEL, LOSS), 1, lookahead=lookahead)
+  method = mts.mts(MODEL, LOSS, mts.loss_features(MODEL, LOSS), lookahead=lookahead)
   result = train.fit(MODEL, noisy, config, method)
   losses = persample.losses(MODEL, result.state.params, noisy.train.x, noisy.train.y, LOSS)
   scores = mts.MetaNet().apply({"params": result.state.method_state.params}, mts.zscore(losses[:, None]))
   assert stats.auc(-np.asarray(scores), flipped) > 0.7
   plain = train.fit(MODEL, noisy, config)
-  assert result.history[-1]["test/accuracy"] > plain.history[-1]["test/accuracy"] + 0.1
+  # Half the labels flipped to the next class leaves plain training at a tie in every class region, so
+  # its test accuracy swings from epoch to epoch (0.59 to 0.81 over the last five here): compare the
+  # mean of the last five epochs, not one epoch's draw.
+  last_five = lambda history: np.mean([record["test/accuracy"] for record in history[-5:]])
+  assert last_five(result.history) > last_five(plain.history) + 0.1
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -363,26 +440,33 @@ def test_mts_learns_to_down_weight_label_noise(lookahead):
 def test_bad_input_is_refused_clearly():
   feats = mts.loss_features(MODEL, LOSS)
   with pytest.raises(ValueError, match="steps must be an integer >= 1, got 0"):
-    mts.mts(MODEL, LOSS, feats, 1, steps=0)
-  with pytest.raises(ValueError, match="unknown mode 'second_order'"):
-    mts.mts(MODEL, LOSS, feats, 1, mode="second_order")
+    mts.mts(MODEL, LOSS, feats, steps=0)
+  with pytest.raises(ValueError, match=r"unknown mode 'second_order'; expected one of \('exact', 'first_order', 'finite_difference'\)"):
+    mts.mts(MODEL, LOSS, feats, mode="second_order")
   with pytest.raises(ValueError, match="finite_difference hypergradients take one inner step"):
-    mts.mts(MODEL, LOSS, feats, 1, steps=2, mode="finite_difference")
+    mts.mts(MODEL, LOSS, feats, steps=2, mode="finite_difference")
   with pytest.raises(ValueError, match="without lookahead"):
-    mts.mts(MODEL, LOSS, feats, 1, steps=2, lookahead=False)
-  with pytest.raises(ValueError, match="inner_learning_rate must be positive"):
-    mts.mts(MODEL, LOSS, feats, 1, inner_learning_rate=0.0)
-  with pytest.raises(ValueError, match="feature table has NaN or inf in 1 rows .first: row 2."):
+    mts.mts(MODEL, LOSS, feats, steps=2, lookahead=False)
+  with pytest.raises(ValueError, match="inner_learning_rate must be a positive finite number, got 0.0"):
+    mts.mts(MODEL, LOSS, feats, inner_learning_rate=0.0)
+  with pytest.raises(ValueError, match=r"feature table: 1 NaN or inf values \(first: row 2, table_1\); expected finite values"):
     mts.table_features(np.where(np.arange(12).reshape(4, 3) == 7, np.nan, 1.0))
+  with pytest.raises(ValueError, match=r"feature table: 1 NaN or inf values \(first: row 2, b\)"):
+    mts.table_features(np.where(np.arange(12).reshape(4, 3) == 7, np.nan, 1.0), names=("a", "b", "c"))
+  with pytest.raises(ValueError, match="got 2 names for a feature table of 3 columns"):
+    mts.table_features(np.ones((4, 3)), names=("a", "b"))
+  with pytest.raises(ValueError, match="features must be a metasel.mts.Features"):
+    mts.mts(MODEL, LOSS, feats.fn)
   dataset = _blobs()
-  wrong_width = mts.mts(MODEL, LOSS, feats, 3)
-  with pytest.raises(ValueError, match=r"features returned shape \(16, 1\); expected \(batch, 3\)"):
+  # Features that name 3 columns but compute 1: the meta-network is built for 3 and the step refuses the batch.
+  wrong_width = mts.mts(MODEL, LOSS, mts.Features(("a", "b", "c"), feats.fn))
+  with pytest.raises(ValueError, match=r"features \('a', 'b', 'c'\) returned shape \(16, 1\); expected \(batch, 3\)"):
     train.fit(MODEL, dataset, train.TrainConfig(epochs=1, batch_size=16, val_batch_size=16), wrong_width)
   with pytest.raises(ValueError, match="batch_size=500 is larger than the training split"):
     train.fit(MODEL, dataset, train.TrainConfig(epochs=1, batch_size=500), mts.mwn(MODEL, LOSS))
-  embeds_groups = mts.mts(MODEL, LOSS, feats, 1, meta_net=mts.MetaNet(num_groups=2))
+  embeds_groups = mts.mts(MODEL, LOSS, feats, meta_net=mts.MetaNet(num_groups=2))
   tx = optax.sgd(0.1)
-  params = models.init_params(MODEL, jax.random.key(0), dataset.input_shape)
+  params = models.init(MODEL, jax.random.key(0), dataset.input_shape)
   state = train.LoopState(
       params, tx.init(params), embeds_groups.init(jax.random.key(1), 96), signals.tracker_init(96),
       jnp.zeros((), jnp.int32), jax.random.key(2),
@@ -392,16 +476,28 @@ def test_bad_input_is_refused_clearly():
     train.make_epoch(MODEL, LOSS, tx, embeds_groups, 16)(state, no_groups, jnp.arange(16)[None])
 
 
+def test_inner_learning_rate_is_checked_like_every_positive_setting():
+  feats = mts.loss_features(MODEL, LOSS)
+  mts.mts(MODEL, LOSS, feats, inner_learning_rate=np.float32(0.1))  # a numpy float is a valid rate
+  with pytest.raises(ValueError, match="inner_learning_rate must be a positive finite number, got inf"):
+    mts.mts(MODEL, LOSS, feats, inner_learning_rate=float("inf"))
+
+
 def test_non_finite_meta_gradient_is_skipped_and_counted():
-  method = mts.mts(MODEL, LOSS, mts.loss_features(MODEL, LOSS), 1, lookahead=False)
+  method = mts.mts(MODEL, LOSS, mts.loss_features(MODEL, LOSS), lookahead=False)
   dataset = _blobs()
-  params = models.init_params(MODEL, jax.random.key(0), dataset.input_shape)
+  params = models.init(MODEL, jax.random.key(0), dataset.input_shape)
   x, y = jnp.asarray(dataset.train.x[:16]), jnp.asarray(dataset.train.y[:16])
-  ctx = train.StepContext(params, train.Batch(jnp.arange(16), x, y), jnp.asarray(dataset.val.x[:16]), jnp.asarray(dataset.val.y[:16]), jax.random.key(0))
+  ctx = core.StepContext(params, core.Batch(jnp.arange(16), x, y), jnp.asarray(dataset.val.x[:16]), jnp.asarray(dataset.val.y[:16]), jax.random.key(0))
   state = method.init(jax.random.key(1), 96)
-  _, carried, _ = method.weights(state, ctx)
-  poisoned = train.StepResult(jnp.zeros(16), params, lambda cotangent: jnp.full(16, jnp.nan))
-  new_state, metrics = jax.jit(lambda carried, ctx: method.update(carried, ctx, poisoned))(carried, ctx)
+  _, carry, _ = method.weights(state, ctx)
+  poisoned = core.StepResult(jnp.zeros(16), params, lambda cotangent: jnp.full(16, jnp.nan))
+  new_state, metrics = jax.jit(lambda state, ctx, carry: method.update(state, ctx, poisoned, carry))(state, ctx, carry)
   assert int(new_state.skipped) == 1 and int(metrics["meta/skipped"]) == 1
-  for a, b in zip(jax.tree.leaves((new_state.params, new_state.opt_state)), jax.tree.leaves((state.params, state.opt_state))):
+  for a, b in zip(jax.tree.leaves(new_state._replace(skipped=state.skipped)), jax.tree.leaves(state)):
     np.testing.assert_array_equal(a, b)
+  # The same step with a finite sensitivity is taken: the meta-network moves and nothing is counted.
+  finite = core.StepResult(jnp.zeros(16), params, lambda cotangent: jnp.linspace(-1.0, 1.0, 16))
+  stepped, metrics = jax.jit(lambda state, ctx, carry: method.update(state, ctx, finite, carry))(state, ctx, carry)
+  assert int(stepped.skipped) == 0 and int(metrics["meta/skipped"]) == 0
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(stepped.params), jax.tree.leaves(state.params)))

@@ -28,6 +28,21 @@ def _close(actual, expected):
   np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=RTOL, atol=ATOL)
 
 
+def test_package_exports_every_public_name_from_its_concern():
+  names = {
+      "outputs": ["predictive_entropy", "margin", "el2n", "true_class_prob", "embedding_norm"],
+      "neighbours": [
+          "redundancy", "cosine_to_class_centre", "cosine_to_reference_centre", "topk_cosine_to_reference",
+          "knn_label_agreement", "loss_percentile_within_class", "position_features"],
+      "dynamics": [
+          "TrackerState", "tracker_init", "tracker_update", "tracker_summary", "training_dynamics_features"],
+  }
+  assert signals.__all__ == [name for group in names.values() for name in group]
+  for module, group in names.items():
+    for name in group:
+      assert getattr(signals, name).__module__ == f"metasel.signals.{module}", name
+
+
 # ----------------------------------------------------------------------------------------------------
 # Naive references: one sample at a time, float64 numpy.
 
@@ -201,8 +216,12 @@ def test_redundancy_rejects_bad_k():
   emb = jax.random.normal(jax.random.key(4), (5, 3))
   with pytest.raises(ValueError, match="k must be an integer in \\[1, 4\\]"):
     signals.redundancy(emb, k=5)
-  with pytest.raises(ValueError, match="block_size"):
+  with pytest.raises(ValueError, match="block_size must be an integer >= 1, got 0"):
     signals.redundancy(emb, k=2, block_size=0)
+  with pytest.raises(ValueError, match="block_size must be an integer >= 1, got True"):
+    signals.topk_cosine_to_reference(emb, emb, 2, block_size=True)
+  with pytest.raises(ValueError, match="k must be an integer in \\[1, 5\\] \\(reference samples, for knn\\)"):
+    signals.position_features(emb, jnp.zeros(5, jnp.int32), emb, jnp.zeros(5, jnp.int32), 1, knn=6)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -280,6 +299,24 @@ def test_position_features_dict(jit):
   assert "loss_percentile" not in other
   _close(other["topk_cos_ref"], _naive_topk_to(emb, ref, 4)[0].mean(axis=1))
   _close(other["knn_agreement"], _naive_knn(emb, labels, ref, ref_labels, 2, False))
+
+
+@JIT
+def test_zero_rows_and_dissimilar_neighbours(jit):
+  """A zero embedding has cosine 0 to everything; a weighted kNN vote without positive weights is plain."""
+  ref = -jnp.abs(jax.random.normal(jax.random.key(8), (6, 3))) - 0.1  # every entry negative
+  ref_labels = jnp.array([0, 1, 0, 1, 0, 1])
+  emb = jnp.concatenate([jnp.zeros((2, 3)), -ref[:2]])  # zero rows, then rows opposite to the reference
+  labels = jnp.array([0, 1, 0, 1])
+  _close(_call(signals.cosine_to_reference_centre, jit, emb, ref)[:2], [0.0, 0.0])
+  centre = _call(signals.cosine_to_class_centre, jit, emb, labels, ref, ref_labels, num_classes=2)
+  _close(centre[:2], [0.0, 0.0])
+  weighted = _call(signals.knn_label_agreement, jit, emb, labels, ref, ref_labels, k=3, weighted=True)
+  plain = _call(signals.knn_label_agreement, jit, emb, labels, ref, ref_labels, k=3)
+  np.testing.assert_array_equal(weighted, plain)
+  _close(weighted, _naive_knn(emb, labels, ref, ref_labels, 3, False))
+  max_cos, _ = _call(signals.redundancy, jit, jnp.zeros((3, 2)), k=2)
+  np.testing.assert_array_equal(max_cos, 0.0)
 
 
 def test_class_absent_from_reference():
@@ -479,8 +516,10 @@ def test_tracker_rejects_bad_input():
     signals.tracker_update(state, jnp.array([0, 4]), jnp.array([1.0, 2.0]))
   with pytest.raises(ValueError, match="logits and labels must be given together"):
     signals.tracker_update(state, jnp.array([0, 1]), jnp.array([1.0, 2.0]), jnp.zeros((2, 3)))
-  with pytest.raises(ValueError, match="num_samples"):
+  with pytest.raises(ValueError, match="num_samples must be an integer >= 1, got 0"):
     signals.tracker_init(0)
+  with pytest.raises(ValueError, match="num_samples must be an integer >= 1, got 2.0"):
+    signals.tracker_init(2.0)
   with pytest.raises(ValueError, match="summary lacks"):
     signals.training_dynamics_features({"loss_mean": jnp.zeros(3)})
 

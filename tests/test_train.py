@@ -7,9 +7,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from metasel import models, runs, train
+from metasel import core, models, runs, signals, train
 from metasel.data import Dataset, Split
 
 
@@ -63,16 +64,16 @@ def test_same_seed_same_numbers_other_seed_differs():
   assert a["train/mean_loss"] != c["train/mean_loss"]
 
 
-def _only_first_half() -> train.Method:
+def _only_first_half() -> core.Method:
   """A sampler that puts all probability on the first half of the pool."""
 
   def probs(state):
     return state
 
-  return train.Method(
+  return core.Method(
       init=lambda key, n: jnp.where(jnp.arange(n) < n // 2, 2.0 / n, 0.0),
-      weights=lambda state, ctx: (jnp.full(ctx.batch.y.shape, 1.0 / ctx.batch.y.shape[0]), state, {}),
-      update=lambda state, ctx, result: (state, {}),
+      weights=lambda state, ctx: (jnp.full(ctx.batch.y.shape, 1.0 / ctx.batch.y.shape[0]), (), {}),
+      update=core.keep_state,
       probs=probs,
       name="first-half",
   )
@@ -88,10 +89,8 @@ def test_method_probabilities_drive_sampling():
 def test_epoch_jit_equals_eager():
   dataset = _blobs()
   tx = train.make_optimizer("sgd", 0.1)
-  epoch = train.make_epoch(MODEL, train.loss_fn_for(dataset), tx, train.uniform(), 16)
-  params = models.init_params(MODEL, jax.random.key(0), dataset.input_shape)
-  from metasel import signals
-
+  epoch = train.make_epoch(MODEL, train.loss_fn_for(dataset), tx, core.uniform(), 16)
+  params = models.init(MODEL, jax.random.key(0), dataset.input_shape)
   state = train.LoopState(params, tx.init(params), (), signals.tracker_init(256), jnp.zeros((), jnp.int32), jax.random.key(1))
   data = tuple(jnp.asarray(a) for a in (dataset.train.x, dataset.train.y, dataset.val.x, dataset.val.y))
   batches = jnp.arange(96).reshape(3, 32)
@@ -103,10 +102,10 @@ def test_epoch_jit_equals_eager():
 
 
 def test_nan_stops_training_with_clear_error(tmp_path):
-  nan_weights = train.Method(
+  nan_weights = core.Method(
       init=lambda key, n: (),
-      weights=lambda state, ctx: (jnp.full(ctx.batch.y.shape, jnp.nan), state, {}),
-      update=lambda state, ctx, result: (state, {}),
+      weights=lambda state, ctx: (jnp.full(ctx.batch.y.shape, jnp.nan), (), {}),
+      update=core.keep_state,
   )
   log = runs.MetricsLog(tmp_path / "metrics.jsonl")
   with pytest.raises(FloatingPointError, match="non-finite at step 1 .epoch 1."):
@@ -119,9 +118,9 @@ def test_nan_stops_training_with_clear_error(tmp_path):
     [
         ({"batch_size": 1000}, "batch_size=1000 is larger than the training split .256 samples."),
         ({"val_batch_size": 65}, "val_batch_size=65 is larger than the validation split"),
-        ({"epochs": 0}, "epochs must be a positive integer, got 0"),
-        ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'"),
-        ({"learning_rate": -1.0}, "learning_rate must be positive, got -1.0"),
+        ({"epochs": 0}, "epochs must be an integer >= 1, got 0"),
+        ({"optimizer": "lbfgs"}, r"unknown optimizer 'lbfgs'; expected one of \('sgd', 'momentum', 'adam'\)"),
+        ({"learning_rate": -1.0}, "learning_rate must be a positive finite number, got -1.0"),
     ],
 )
 def test_bad_settings_fail_before_compute(change, message):
@@ -134,7 +133,7 @@ def test_non_finite_features_fail_before_compute():
   x = dataset.train.x.copy()
   x[3, 1] = np.inf
   bad = dataclasses.replace(dataset, train=dataclasses.replace(dataset.train, x=x))
-  with pytest.raises(ValueError, match="train features contain NaN or inf .1 values, first in row 3."):
+  with pytest.raises(ValueError, match=r"train features: 1 NaN or inf values \(first: row 3, column 1\); expected finite values"):
     train.fit(MODEL, bad, CONFIG)
 
 
@@ -153,3 +152,63 @@ def test_checkpoint_of_other_settings_is_refused(tmp_path):
   train.fit(MODEL, _blobs(), dataclasses.replace(CONFIG, epochs=1), checkpoint_dir=tmp_path)
   with pytest.raises(ValueError, match="expected the same settings"):
     train.fit(MODEL, _blobs(), dataclasses.replace(CONFIG, learning_rate=0.5), checkpoint_dir=tmp_path)
+
+
+def _counting_visits() -> core.Method:
+  """A method whose `weights` hands the batch's indices to `update` as its carry; `update` counts the visits."""
+
+  def weights(state, ctx):
+    return core.uniform_weights(ctx.batch.y.shape[0]), ctx.batch.indices, {"seen": jnp.sum(state).astype(jnp.float32)}
+
+  def update(state, ctx, result, carry):
+    return state.at[carry].add(1), {"visited": jnp.sum(state.at[carry].add(1)).astype(jnp.float32)}
+
+  return core.Method(init=lambda key, n: jnp.zeros(n, jnp.int32), weights=weights, update=update, name="counting")
+
+
+def test_update_receives_the_carry_of_weights_and_makes_the_one_state_transition():
+  result = train.fit(MODEL, _blobs(), CONFIG, method=_counting_visits())
+  visits = np.asarray(result.state.method_state)
+  np.testing.assert_array_equal(visits, np.full(256, CONFIG.epochs))  # one update per step, with that step's batch
+  np.testing.assert_array_equal(visits, np.asarray(result.state.tracker.count))
+  # `weights` saw the state before the step's update, `update` the state after it: 32 samples apart.
+  assert result.history[0]["train/visited"] - result.history[0]["train/seen"] == pytest.approx(32.0)
+  # the method's carry does not change the training itself
+  plain = train.fit(MODEL, _blobs(), CONFIG)
+  for a, b in zip(jax.tree.leaves(result.state.params), jax.tree.leaves(plain.state.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_training_without_dynamics_has_no_tracker_and_the_same_params():
+  tracked = train.fit(MODEL, _blobs(), CONFIG)
+  untracked = train.fit(MODEL, _blobs(), dataclasses.replace(CONFIG, track_dynamics=False))
+  assert untracked.state.tracker is None
+  assert untracked.history == tracked.history
+  for a, b in zip(jax.tree.leaves(untracked.state.params), jax.tree.leaves(tracked.state.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_named_optimizer_keeps_its_learning_rate_in_its_state():
+  params = models.init(MODEL, jax.random.key(0), (5,))
+  assert float(train.make_optimizer("sgd", 0.25).init(params).hyperparams["learning_rate"]) == 0.25
+  assert float(train.make_optimizer("adam").init(params).hyperparams["learning_rate"]) == pytest.approx(1e-3)
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = train.make_optimizer("sgd", 0.25)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  for leaf in jax.tree.leaves(updates):
+    np.testing.assert_allclose(leaf, -0.25)
+
+
+def test_an_optax_transformation_trains_like_the_named_optimizer():
+  named = train.fit(MODEL, _blobs(), dataclasses.replace(CONFIG, optimizer="sgd", learning_rate=0.1))
+  custom = train.fit(MODEL, _blobs(), dataclasses.replace(CONFIG, optimizer=optax.sgd(0.1), learning_rate=None))
+  for a, b in zip(jax.tree.leaves(custom.state.params), jax.tree.leaves(named.state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert custom.history[-1]["test/accuracy"] > 0.9
+
+
+def test_an_optax_transformation_takes_no_learning_rate():
+  with pytest.raises(ValueError, match="expected learning_rate=None"):
+    train.fit(MODEL, _blobs(), dataclasses.replace(CONFIG, optimizer=optax.sgd(0.1), learning_rate=0.1))
+  with pytest.raises(ValueError, match="optimizer must be one of .* or an optax GradientTransformation"):
+    train.make_optimizer(42)

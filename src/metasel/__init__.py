@@ -1,7 +1,43 @@
-"""metasel: compiled per-sample gradients, signals and meta-gradients for training-data selection."""
+"""metasel: compiled per-sample gradients, signals and meta-gradients for training-data selection.
 
-from metasel import data, models, persample, runs, signals, stats, train
+Every public module is reachable as an attribute (`metasel.persample`, `metasel.mts`, ...) and is imported
+on first use, so that importing one piece (say `metasel.mts`) does not import the others it does not need,
+such as the training loop.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["data", "models", "persample", "runs", "signals", "stats", "train", "__version__"]
+__all__ = [
+    "adapters",
+    "checks",
+    "contributions",
+    "core",
+    "data",
+    "dvn",
+    "ghost",
+    "gsnr",
+    "hypergrad",
+    "models",
+    "mts",
+    "numerics",
+    "persample",
+    "runs",
+    "samplers",
+    "signals",
+    "stats",
+    "tape",
+    "train",
+    "__version__",
+]
+
+
+def __getattr__(name: str):
+  if name in __all__ and name != "__version__":
+    return importlib.import_module(f"metasel.{name}")
+  raise AttributeError(f"module 'metasel' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(__all__)

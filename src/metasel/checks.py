@@ -100,5 +100,5 @@ def check_finite_rows(name: str, values: Any, columns: Sequence[str] = ()) -> No
     row, column = (int(i) for i in np.argwhere(bad)[0])
     label = f", {columns[column]}" if column < len(columns) else (f", column {column}" if values.ndim > 1 else "")
     raise ValueError(
-        f"{name} contain {int(bad.sum())} NaN or inf values (first: row {row}{label}); expected finite values"
+        f"{name}: {int(bad.sum())} NaN or inf values (first: row {row}{label}); expected finite values"
     )

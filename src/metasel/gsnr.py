@@ -10,20 +10,21 @@ comparing GSNR across batch sizes shows how much of the noise is sampling noise.
 
 `grad_fn(params, batch) -> pytree` is any gradient: the model gradient of a batch loss, or a
 meta-gradient (hypergradient with respect to meta-network parameters). Everything works under
-`jax.jit`; `sweep` compiles one program per batch size that draws every batch and measures.
+`jax.jit`; `sweep` compiles one program per batch size that draws every batch and measures, and
+reuses it for a new but equal gradient function (the same code with equal captured values).
 """
 
 from __future__ import annotations
 
 import functools
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from metasel.checks import check_int
+from metasel import checks, numerics
+from metasel._static import StaticCallable
 
 __all__ = [
     "GradFn",
@@ -65,10 +66,6 @@ class GSNR(NamedTuple):
   num_batches: int | jax.Array
 
 
-def _is_int(value) -> bool:
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _leading_size(tree, what: str) -> int:
   """The common leading axis of every leaf of `tree`; raise when there is none or they disagree."""
   leaves = jax.tree.leaves(tree)
@@ -83,11 +80,6 @@ def _leading_size(tree, what: str) -> int:
   return sizes.pop()
 
 
-def _check_chunk_size(chunk_size) -> None:
-  if chunk_size is not None:
-    check_int("chunk_size", chunk_size)
-
-
 def _as_float(leaf) -> jax.Array:
   leaf = jnp.asarray(leaf)
   return leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
@@ -96,11 +88,7 @@ def _as_float(leaf) -> jax.Array:
 def _from_moments(means, variances, num_batches) -> GSNR:
   """`GSNR` from per-entry means and variances (pytrees of equal structure, no leading axis)."""
 
-  def ratio(mean, var):
-    positive = var > 0
-    return jnp.where(positive, jnp.square(mean) / jnp.where(positive, var, 1), jnp.nan)
-
-  per_param = jax.tree.map(ratio, means, variances)
+  per_param = jax.tree.map(lambda m, v: numerics.safe_divide(jnp.square(m), v, jnp.nan), means, variances)
   flat = jnp.concatenate([leaf.reshape(-1) for leaf in jax.tree.leaves(per_param)])  # (P,)
   signal = sum(jnp.sum(jnp.square(m)) for m in jax.tree.leaves(means))
   noise = sum(jnp.sum(v) for v in jax.tree.leaves(variances))
@@ -146,7 +134,7 @@ def measure(grad_fn: GradFn, params: Params, batches, *, chunk_size: int | None 
   num = _leading_size(batches, "batches")
   if num < 2:
     raise ValueError(f"measure needs at least 2 batches on the leading axis of batches, got {num}")
-  _check_chunk_size(chunk_size)
+  checks.check_int("chunk_size", chunk_size, allow_none=True)
   if chunk_size is None or chunk_size >= num:
     stacked = jax.vmap(grad_fn, in_axes=(None, 0))(params, batches)  # leaves (M, ...)
   else:
@@ -161,7 +149,7 @@ def draw_rows(key: jax.Array, data, batch_size: int):
   a uniform random subset in random order, which on CPU costs a fraction of a full permutation.
   """
   num_rows = _leading_size(data, "data")
-  check_int("batch_size", batch_size)
+  checks.check_int("batch_size", batch_size)
   if batch_size > num_rows:
     raise ValueError(
         f"batch_size {batch_size} exceeds the pool of {num_rows} rows; cannot draw without replacement"
@@ -174,7 +162,10 @@ def draw_rows(key: jax.Array, data, batch_size: int):
     jax.jit, static_argnames=("grad_fn", "batch_size", "num_batches", "draw_batch", "chunk_size")
 )
 def _measure_drawn(grad_fn, params, data, key, *, batch_size, num_batches, draw_batch, chunk_size) -> GSNR:
-  """Draw `num_batches` batches of `batch_size` with `draw_batch` and measure: one compiled program."""
+  """Draw `num_batches` batches of `batch_size` with `draw_batch` and measure: one compiled program.
+
+  `grad_fn` and `draw_batch` come wrapped in `StaticCallable`, so equal functions share the program.
+  """
   keys = jax.random.split(jax.random.fold_in(key, batch_size), num_batches)
   batches = jax.vmap(lambda k: draw_batch(k, data, batch_size))(keys)  # leaves (M, b, ...)
   return measure(grad_fn, params, batches, chunk_size=chunk_size)
@@ -207,19 +198,24 @@ def sweep(
   Each b runs one jitted program, compiled once per (b, num_batches, grad_fn, draw_batch,
   chunk_size): it splits `jax.random.fold_in(key, b)` into `num_batches` keys, draws every batch with
   `jax.vmap` of `draw_batch(key, data, b)` and calls `measure`. All arguments are checked first.
+  Functions count as the same when they compute the same (`metasel._static.StaticCallable`): a lambda
+  rebuilt by the same code with equal captured values reuses the program; one capturing a different
+  value, or an array that is not the same object, compiles its own.
 
   Returns:
     dict b -> `GSNR`, with `num_batches` a Python int.
   """
   batch_sizes = tuple(batch_sizes)
   pool = _pool_size(data)
-  check_int("num_batches", num_batches, minimum=2)
-  _check_chunk_size(chunk_size)
+  checks.check_int("num_batches", num_batches, minimum=2)
+  checks.check_int("chunk_size", chunk_size, allow_none=True)
   for b in batch_sizes:
-    if not _is_int(b) or b < 1:
+    if not checks.is_int(b) or b < 1:
       raise ValueError(f"batch sizes must be positive integers, got {b!r} in {batch_sizes}")
     if b > pool:
       raise ValueError(f"batch size {b} exceeds the pool of {pool} rows in data; expected at most {pool}")
+  grad_fn = StaticCallable(grad_fn, name="grad_fn")
+  draw_batch = StaticCallable(draw_batch, name="draw_batch")
   results = {}
   for b in batch_sizes:
     g = _measure_drawn(
@@ -248,7 +244,7 @@ def from_per_sample(per_sample_grads, batch_size: int) -> GSNR:
   num = _leading_size(per_sample_grads, "per_sample_grads")
   if num < 2:
     raise ValueError(f"from_per_sample needs at least 2 per-sample gradients, got {num}")
-  check_int("batch_size", batch_size)
+  checks.check_int("batch_size", batch_size)
   means, variances = _moments(per_sample_grads)
   g = _from_moments(means, variances, num)
   return g._replace(

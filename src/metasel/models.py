@@ -1,14 +1,8 @@
-"""Flax models whose dense layers expose what per-sample gradients need.
+"""Ready models written with plain Flax layers, and the model contract every metasel function takes.
 
-Every model maps a batch `x` (B, ...) to `(outputs, embedding)`: outputs (B, num_outputs) are logits
-(or regression values) and embedding (B, D) is the penultimate representation.
-
-Dense layers are `GhostDense`, and convolutions `GhostConv` (a dense layer over image patches).
-They record their input in the `ghost_inputs` collection and add a zero perturbation from the
-`ghost_outputs` collection to their output. The gradient of the summed
-loss with respect to that perturbation is each sample's loss-to-output gradient d_i, and with the
-recorded input a_i the per-sample kernel gradient is the outer product a_i d_i^T; so per-sample norms
-and dot products need no (B x P) tensor (the "ghost" identity, see `metasel.persample`).
+`MLP`, `CNN` and the text `Transformer` are ordinary Flax linen modules that return logits; nothing in
+them is specific to metasel, which tapes their standard layers from outside (`metasel.tape`). Your own
+linen module, NNX module or `apply(params, x)` function works the same way: see `as_model` and `init`.
 """
 
 from __future__ import annotations
@@ -19,130 +13,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = [
-    "GHOST_INPUTS",
-    "GHOST_OUTPUTS",
-    "GHOST_UPDATE",
-    "GhostDense",
-    "GhostConv",
-    "MLP",
-    "CNN",
-    "init_params",
-    "kernel_as_matrix",
-    "image_patches",
-]
+from metasel.adapters import Model, ModelLike, as_model, init
 
-GHOST_INPUTS = "ghost_inputs"
-GHOST_OUTPUTS = "ghost_outputs"
-GHOST_UPDATE = "ghost_update"
-
-
-class GhostDense(nn.Module):
-  """`y = x @ kernel + bias` for x (B, ..., in), recording x and perturbing y for ghost gradients.
-
-  Axes between the batch and the features are positions sharing the weights (e.g. the pixels of a
-  convolution's patches); the per-sample kernel gradient then sums a_t d_t^T over positions t.
-  With neither collection passed to `apply` it behaves exactly like `flax.linen.Dense`.
-  A `GhostDense` instance must be called once per forward pass (no weight sharing across calls),
-  since its recorded input and output gradient describe a single use.
-
-  A `ghost_update` collection with entries "input" a (in,) and "output" delta (out,) applies the
-  rank-one change kernel + a delta^T, bias + delta without forming it: x a delta^T costs one product
-  with a, and x @ kernel stays shared when the change is vmapped over many samples' updates.
-  """
-
-  features: int
-  use_bias: bool = True
-  kernel_init: Callable = nn.initializers.lecun_normal()
-  bias_init: Callable = nn.initializers.zeros
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    if x.ndim < 2:
-      raise ValueError(
-          f"GhostDense expects inputs of shape (batch, ..., features), got shape {x.shape};"
-          " add a batch axis first"
-      )
-    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
-    y = x @ kernel  # (B, ..., features)
-    if self.use_bias:
-      y = y + self.param("bias", self.bias_init, (self.features,))
-    if self.has_variable(GHOST_UPDATE, "input"):
-      delta = self.get_variable(GHOST_UPDATE, "output")  # (features,)
-      y = y + (x @ self.get_variable(GHOST_UPDATE, "input"))[..., None] * delta
-      if self.use_bias:
-        y = y + delta
-    self.sow(GHOST_INPUTS, "inputs", x)
-    return self.perturb("outputs", y, collection=GHOST_OUTPUTS)
-
-
-class GhostConv(nn.Module):
-  """2-D convolution (NHWC, stride 1, kernel HWIO as in `flax.linen.Conv`) that takes the ghost path.
-
-  The forward pass is the native convolution. When the `ghost_inputs` collection is mutable it also
-  records the image patches (B, H', W', C * kh * kw), features ordered (channel, row, column): the
-  convolution is a dense layer over those patches, so its per-sample gradients follow the same
-  identity as `GhostDense`. Plain training never builds the patches.
-  """
-
-  features: int
-  kernel_size: tuple[int, int] = (3, 3)
-  padding: str = "SAME"
-  use_bias: bool = True
-  kernel_init: Callable = nn.initializers.lecun_normal()
-  bias_init: Callable = nn.initializers.zeros
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    if x.ndim != 4:
-      raise ValueError(f"GhostConv expects images of shape (batch, height, width, channels), got {x.shape}")
-    _check_padding(self.padding)
-    kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, x.shape[-1], self.features))
-    numbers = ("NHWC", "HWIO", "NHWC")
-    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), self.padding, dimension_numbers=numbers)
-    if self.use_bias:
-      y = y + self.param("bias", self.bias_init, (self.features,))
-    if self.is_mutable_collection(GHOST_INPUTS):
-      self.sow(GHOST_INPUTS, "inputs", image_patches(x, self.kernel_size, self.padding))
-    return self.perturb("outputs", y, collection=GHOST_OUTPUTS)
-
-
-def _check_padding(padding: str) -> None:
-  """Only stride-1 "SAME" and "VALID" convolutions have patches `image_patches` can build."""
-  if padding not in ("SAME", "VALID"):
-    raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}")
-
-
-def image_patches(x: jax.Array, kernel_size: tuple[int, int], padding: str) -> jax.Array:
-  """Stride-1 patches (B, H', W', C * kh * kw) of images x (B, H, W, C), ordered (channel, row, column).
-
-  Built from kh * kw shifted slices, a copy rather than the identity convolution of
-  `lax.conv_general_dilated_patches`, which costs a full matrix product per layer on CPU.
-  """
-  _check_padding(padding)
-  kh, kw = kernel_size
-  if padding == "SAME":
-    x = jnp.pad(x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)))
-  height, width = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-  shifted = [x[:, r : r + height, c : c + width, :] for r in range(kh) for c in range(kw)]
-  patches = jnp.stack(shifted, axis=-1)  # (B, H', W', C, kh * kw)
-  return patches.reshape(*patches.shape[:3], -1)
-
-
-def kernel_as_matrix(kernel: jax.Array) -> jax.Array:
-  """A ghost layer's kernel as the (in, out) matrix that multiplies its recorded inputs.
-
-  Dense kernels are already (in, out); convolution kernels (kh, kw, C, F) become (C * kh * kw, F),
-  matching the (channel, row, column) order of the patches `GhostConv` records.
-  """
-  if kernel.ndim == 2:
-    return kernel
-  kh, kw, channels, features = kernel.shape
-  return kernel.transpose(2, 0, 1, 3).reshape(channels * kh * kw, features)
+__all__ = ["Model", "ModelLike", "as_model", "init", "MLP", "CNN", "Transformer"]
 
 
 class MLP(nn.Module):
-  """Multi-layer perceptron on flattened inputs; every layer is a `GhostDense`.
+  """Multi-layer perceptron on flattened inputs, returning logits (B, num_outputs).
 
   Attributes:
     hidden: widths of the hidden layers, e.g. (128, 128).
@@ -155,18 +32,18 @@ class MLP(nn.Module):
   activation: Callable[[jax.Array], jax.Array] = nn.relu
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array) -> jax.Array:
     h = x.reshape((x.shape[0], -1))  # (B, D)
     for width in self.hidden:
-      h = self.activation(GhostDense(width)(h))
-    return GhostDense(self.num_outputs)(h), h
+      h = self.activation(nn.Dense(width)(h))
+    return nn.Dense(self.num_outputs)(h)
 
 
 class CNN(nn.Module):
-  """Small convolutional network for images (B, H, W, C): `GhostConv` blocks, then `GhostDense` layers.
+  """Small convolutional network for images (B, H, W, C): convolution blocks, then dense layers; logits out.
 
   No normalisation across the batch, so each sample's loss depends on that sample alone, which
-  per-sample gradients require. Every layer takes the ghost path in `metasel.persample`.
+  per-sample gradients require.
   """
 
   channels: Sequence[int] = (16, 32)
@@ -176,20 +53,79 @@ class CNN(nn.Module):
   activation: Callable[[jax.Array], jax.Array] = nn.relu
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array) -> jax.Array:
     if x.ndim != 4:
       raise ValueError(f"CNN expects images of shape (batch, height, width, channels), got {x.shape}")
     h = x
     for width in self.channels:
-      h = self.activation(GhostConv(width, (self.kernel_size, self.kernel_size))(h))
+      h = self.activation(nn.Conv(width, (self.kernel_size, self.kernel_size))(h))
       h = nn.avg_pool(h, (2, 2), strides=(2, 2), padding="SAME")
     h = h.reshape((h.shape[0], -1))
     for width in self.hidden:
-      h = self.activation(GhostDense(width)(h))
-    return GhostDense(self.num_outputs)(h), h
+      h = self.activation(nn.Dense(width)(h))
+    return nn.Dense(self.num_outputs)(h)
 
 
-def init_params(model: nn.Module, key: jax.Array, input_shape: Sequence[int]):
-  """Initial parameters of `model` for inputs of per-sample shape `input_shape` (no batch axis)."""
-  dummy = jnp.zeros((1, *input_shape), jnp.float32)
-  return model.init(key, dummy)["params"]
+class Transformer(nn.Module):
+  """A text classifier on token ids (B, T): token and position embeddings, pre-norm self-attention blocks,
+  mean pooling over the tokens that are not padding, and a dense head; logits (B, num_outputs) out.
+
+  Token id `pad_id` marks padding (`metasel.data.text.PAD_ID`, 0): the attention and the pooling skip
+  it. With `pad_id=None` the model takes an explicit `mask` (B, T) instead, and refuses a batch without
+  one. Built from standard Flax layers only (`Embed`, `LayerNorm`, `MultiHeadDotProductAttention`,
+  `Dense`), so every parameter takes metasel's ghost path.
+
+  Attributes:
+    vocab_size: number of token ids, padding included (`len(dataset.vocabulary)`).
+    num_outputs: classes.
+    max_length: longest sequence the position embedding covers.
+    width: model width.
+    depth: number of blocks.
+    heads: attention heads (must divide `width`).
+    mlp_ratio: hidden width of each block's MLP, in units of `width`.
+    pad_id: the padding id, or None when masks are passed explicitly.
+  """
+
+  vocab_size: int
+  num_outputs: int
+  max_length: int = 128
+  width: int = 64
+  depth: int = 2
+  heads: int = 4
+  mlp_ratio: int = 2
+  pad_id: int | None = 0
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    _check_tokens(tokens, self.max_length)
+    if mask is None and self.pad_id is None:
+      raise ValueError(
+          "this Transformer has no padding id (pad_id=None), so a batch of token ids needs its mask (batch,"
+          " length) of real tokens: pass mask=..., or set pad_id to the id that marks padding"
+      )
+    mask = tokens != self.pad_id if mask is None else mask.astype(bool)  # (B, T)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    h = nn.Embed(self.vocab_size, self.width, name="tokens")(tokens)
+    h = h + nn.Embed(self.max_length, self.width, name="positions")(positions)  # (B, T, width)
+    attention_mask = nn.make_attention_mask(mask, mask)  # (B, 1, T, T)
+    for _ in range(self.depth):
+      attend = nn.MultiHeadDotProductAttention(num_heads=self.heads, qkv_features=self.width)
+      h = h + attend(nn.LayerNorm()(h), mask=attention_mask)
+      hidden = nn.gelu(nn.Dense(self.mlp_ratio * self.width)(nn.LayerNorm()(h)))
+      h = h + nn.Dense(self.width)(hidden)
+    h = nn.LayerNorm()(h)
+    counts = jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1)
+    pooled = jnp.sum(jnp.where(mask[..., None], h, 0.0), axis=1) / counts  # (B, width)
+    return nn.Dense(self.num_outputs)(pooled)
+
+
+def _check_tokens(tokens: jax.Array, max_length: int) -> None:
+  """Token ids must be integers (batch, length) no longer than the position embedding."""
+  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(
+        f"Transformer expects integer token ids of shape (batch, length), got {tokens.dtype} of shape"
+        f" {tokens.shape}; load text with representation='tokens' (e.g. metasel.data.load('csv:PATH',"
+        " representation='tokens'))"
+    )
+  if tokens.shape[1] > max_length:
+    raise ValueError(f"sequences of length {tokens.shape[1]} exceed the Transformer's max_length={max_length}")

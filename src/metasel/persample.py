@@ -1,57 +1,60 @@
-"""Per-sample losses, gradients, gradient norms and gradient dot products, as pure JAX functions.
+"""Per-sample losses, gradients, gradient norms and gradient dot products, on any Flax model, as pure JAX functions.
 
-The batch is axis 0 of `x` and `y` everywhere. Functions are not jitted here: jit the step that calls
-them, with the model (a Flax module) and the loss function as static structure.
+`model` is a Flax linen module, a Flax NNX module or an `apply(params, x)` function (`metasel.adapters`);
+the batch is axis 0 of `x` and `y` everywhere. Nothing is jitted here: jit the step that calls these.
 
 Two paths compute the same numbers:
 
-* `vmap`: `jax.vmap(jax.grad(per-example loss))`, chunked with `jax.lax.map(..., batch_size=...)`
-  so that at most `chunk_size x P` gradient values exist at once. Works for any layer.
-* `ghost`: for a dense layer with per-sample input a_i (in,) and loss-to-output gradient d_i (out,)
-  the per-sample kernel gradient is a_i d_i^T, so
-
-      ||grad_i W||^2 = ||a_i||^2 ||d_i||^2,        <grad_i W, G> = a_i^T G d_i,
-
-  and the bias gradient is d_i. A layer applied at several positions t (a convolution over its
-  patches) sums a_{i,t} d_{i,t}^T over t. One forward pass and one backward pass to the layer outputs
-  give every `GhostDense` / `GhostConv` layer's share without forming a (B x P) tensor. Parameters of
-  any other layer fall back to the chunked `vmap` path, for those parameters only.
+* "ghost": one forward pass and one backward pass to the layer outputs tape every standard layer
+  (`metasel.tape`), and each sample's norm or dot product follows from the ghost identity without
+  forming a (B x P) tensor (`metasel.ghost`): for a dense layer with input a_i and output gradient d_i,
+  ||a_i d_i^T||^2 = ||a_i||^2 ||d_i||^2 and <a_i d_i^T, G> = a_i^T G d_i.
+* "vmap": `jax.vmap(jax.grad(per-example loss))`, chunked with `jax.lax.map(..., batch_size=...)` so that at
+  most `chunk_size x P` gradient values exist at once. Works for any parameter; the ghost path uses it
+  for the parameters no taped layer owns, and warns once per model when they are more than
+  `FALLBACK_WARNING_SHARE` of the model. `coverage` says which parameters take which path, and why.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from flax import traverse_util
 
-from metasel.models import GHOST_INPUTS, GHOST_OUTPUTS, kernel_as_matrix
+from metasel import ghost
+from metasel import tape as tape_lib
+from metasel.adapters import Model, ModelLike, as_model, split_outputs
 
 __all__ = [
     "LossFn",
-    "GhostTape",
+    "Strategy",
+    "FALLBACK_WARNING_SHARE",
     "softmax_cross_entropy",
     "squared_error",
+    "outputs",
     "losses",
+    "outputs_and_embeddings",
+    "embeddings",
     "embedding_norms",
-    "zero_perturbations",
-    "taped_forward",
-    "tape_of",
     "record",
-    "example_grad_fn",
     "grads",
     "grad_norms",
     "grad_dots",
+    "Coverage",
+    "coverage",
+    "leaf_names",
+    "example_grad_fn",
 ]
 
 Params = Any
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]  # (outputs (B, O), targets (B,)) -> (B,)
-Method = Literal["ghost", "vmap"]
-Path = tuple[str, ...]
+Strategy = Literal["ghost", "vmap"]
+FALLBACK_WARNING_SHARE = 0.01  # warn when more than this share of parameter entries leaves the ghost path
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -75,99 +78,67 @@ def _check_batch(x: jax.Array, y: jax.Array) -> None:
     )
 
 
-def losses(model: nn.Module, params: Params, x: jax.Array, y: jax.Array, loss_fn: LossFn) -> jax.Array:
+def outputs(model: ModelLike, params: Params, x: jax.Array) -> jax.Array:
+  """The model's outputs (logits) (B, O) on x (B, ...)."""
+  return split_outputs(as_model(model).apply(params, x), jnp.shape(x)[0])[0]
+
+
+def losses(model: ModelLike, params: Params, x: jax.Array, y: jax.Array, loss_fn: LossFn) -> jax.Array:
   """Per-sample losses (B,) of `model` with `params` on the batch (x, y)."""
   _check_batch(x, y)
-  outputs, _ = model.apply({"params": params}, x)
-  return loss_fn(outputs, y)
+  return loss_fn(outputs(model, params, x), y)
 
 
-def embedding_norms(model: nn.Module, params: Params, x: jax.Array) -> jax.Array:
-  """L2 norms (B,) of each sample's penultimate embedding."""
-  _, embedding = model.apply({"params": params}, x)
-  return jnp.linalg.norm(embedding, axis=-1)
+def outputs_and_embeddings(model: ModelLike, params: Params, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The model's outputs (B, O) and each sample's embedding (B, D), from one forward pass.
 
-
-class GhostTape(NamedTuple):
-  """What one forward and one backward pass to the dense-layer outputs record.
-
-  Attributes:
-    losses: per-sample losses (B,).
-    outputs: model outputs (B, O).
-    embeddings: penultimate embeddings (B, D).
-    inputs: for each `GhostDense` module path, its per-sample inputs a (B, in).
-    output_grads: for each such path, d loss_i / d output_i (B, out).
+  The embedding is the one the model returns, else the input of its last dense layer.
   """
-
-  losses: jax.Array
-  outputs: jax.Array
-  embeddings: jax.Array
-  inputs: dict[Path, jax.Array]
-  output_grads: dict[Path, jax.Array]
+  model = as_model(model)
+  fwd = tape_lib.forward(model, params, x)
+  return fwd.outputs, _require_embeddings(fwd.embeddings, model)
 
 
-def zero_perturbations(model: nn.Module, params: Params, x: jax.Array) -> dict:
-  """Zero perturbations with the shapes of every ghost layer's output for this batch ({} for none)."""
-  shapes = jax.eval_shape(
-      lambda p, xb: model.apply({"params": p}, xb, mutable=[GHOST_OUTPUTS])[1], params, x
-  )
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes.get(GHOST_OUTPUTS, {}))
+def embeddings(model: ModelLike, params: Params, x: jax.Array) -> jax.Array:
+  """Each sample's embedding (B, D) (see `outputs_and_embeddings`)."""
+  return outputs_and_embeddings(model, params, x)[1]
 
 
-def taped_forward(model: nn.Module, params: Params, perturbations: dict, x: jax.Array, y: jax.Array, loss_fn: LossFn):
-  """Per-sample losses (B,) and `(outputs, embeddings, layer inputs)` of a forward pass with ghost perturbations.
-
-  Differentiating the losses with respect to `perturbations` gives each ghost layer's output gradients;
-  `jax.vjp` with respect to params and perturbations gives both from one backward pass.
-  """
-  (outputs, embeddings), recorded = model.apply(
-      {"params": params, GHOST_OUTPUTS: perturbations}, x, mutable=[GHOST_INPUTS]
-  )
-  return loss_fn(outputs, y), (outputs, embeddings, recorded.get(GHOST_INPUTS, {}))
+def _require_embeddings(value: jax.Array | None, model: Model) -> jax.Array:
+  if value is None:
+    raise ValueError(
+        f"model {model.name} returns logits only and has no dense layer whose input could serve as the"
+        " embedding; return (logits, embedding) from the model"
+    )
+  return value
 
 
-def tape_of(losses, outputs, embeddings, inputs, output_grads, *, strict: bool = True) -> GhostTape:
-  """A `GhostTape` from a `taped_forward` pass and the gradients of its perturbations.
-
-  A layer called more than once in the pass has no single input to pair with its output gradient:
-  `strict` raises for it, otherwise it is left off the tape.
-  """
-  flat_inputs, flat_grads = {}, {key[:-1]: g for key, g in traverse_util.flatten_dict(output_grads).items()}
-  for key, calls in traverse_util.flatten_dict(inputs).items():
-    if len(calls) == 1:
-      flat_inputs[key[:-1]] = calls[0]
-    elif strict:
-      raise ValueError(
-          f"GhostDense layer {'/'.join(key[:-1])} was called {len(calls)} times in one forward pass;"
-          " the ghost identity needs each layer used once"
-      )
-  flat_grads = {path: g for path, g in flat_grads.items() if path in flat_inputs}
-  return GhostTape(losses, outputs, embeddings, flat_inputs, flat_grads)
+def embedding_norms(model: ModelLike, params: Params, x: jax.Array) -> jax.Array:
+  """L2 norms (B,) of each sample's embedding (see `embeddings`)."""
+  return jnp.linalg.norm(embeddings(model, params, x), axis=-1)
 
 
-def record(model: nn.Module, params: Params, x: jax.Array, y: jax.Array, loss_fn: LossFn) -> GhostTape:
-  """Run the model once forward and once backward to its dense outputs, recording a `GhostTape`.
+def record(model: ModelLike, params: Params, x: jax.Array, y: jax.Array, loss_fn: LossFn) -> tape_lib.Tape:
+  """Run the model once forward and once backward to its layer outputs, recording a `tape_lib.Tape`.
 
   The backward pass reaches only the layer outputs, not the weights, so it costs less than a plain
   gradient: the (B x in x out) weight-gradient products are never formed.
   """
   _check_batch(x, y)
-  perturbations = zero_perturbations(model, params, x)
+  model = as_model(model)
+  perturbations = tape_lib.zero_perturbations(model, params, x)
 
   def summed_loss(perturbations):
-    per_sample, aux = taped_forward(model, params, perturbations, x, y, loss_fn)
-    return jnp.sum(per_sample), (per_sample, *aux)
+    fwd = tape_lib.forward(model, params, x, perturbations=perturbations)
+    per_sample = loss_fn(fwd.outputs, y)
+    return jnp.sum(per_sample), (per_sample, fwd)
 
-  output_grads, (per_sample, outputs, embeddings, inputs) = jax.grad(summed_loss, has_aux=True)(perturbations)
-  return tape_of(per_sample, outputs, embeddings, inputs, output_grads)
+  output_grads, (per_sample, fwd) = jax.grad(summed_loss, has_aux=True)(perturbations)
+  return tape_lib.assemble(fwd, output_grads, per_sample)
 
 
-def _split_params(params: Params, ghost_paths) -> tuple[dict, dict]:
-  """Flat (path -> array) dicts of ghost-layer parameters and of every other parameter."""
-  ghost, other = {}, {}
-  for key, value in traverse_util.flatten_dict(params).items():
-    (ghost if key[:-1] in ghost_paths else other)[key] = value
-  return ghost, other
+# ----------------------------------------------------------------------------------------------------
+# The vmap path, for any subset of the parameter leaves.
 
 
 def _per_example_map(fn, x, y, chunk_size: int | None):
@@ -177,22 +148,34 @@ def _per_example_map(fn, x, y, chunk_size: int | None):
   return jax.lax.map(lambda xy: fn(*xy), (x, y), batch_size=chunk_size)
 
 
-def example_grad_fn(model: nn.Module, loss_fn: LossFn, frozen: dict):
-  """`(trainable, x_i, y_i) -> grad`: one example's loss gradient w.r.t. the `trainable` flat params.
+def example_grad_fn(model: ModelLike, loss_fn: LossFn, params: Params, trainable: tuple[int, ...]):
+  """`(leaves, x_i, y_i) -> grads`: one example's loss gradient w.r.t. the parameter leaves numbered `trainable`.
 
-  Params are flat dicts (`flax.traverse_util.flatten_dict`); `frozen` holds the others.
+  `leaves` is the tuple of those leaves (in `jax.tree.leaves(params)` order); the other leaves of
+  `params` are held fixed.
   """
+  model = as_model(model)
+  all_leaves, treedef = jax.tree.flatten(params)
 
-  def example_loss(trainable, x_i, y_i):
-    params = traverse_util.unflatten_dict({**frozen, **trainable})
-    outputs, _ = model.apply({"params": params}, x_i[None])
-    return loss_fn(outputs, y_i[None])[0]
+  def example_loss(leaves, x_i, y_i):
+    merged = list(all_leaves)
+    for index, leaf in zip(trainable, leaves):
+      merged[index] = leaf
+    return loss_fn(outputs(model, treedef.unflatten(merged), x_i[None]), y_i[None])[0]
 
   return jax.grad(example_loss)
 
 
+def _vmap_reduce(model, loss_fn, params, x, y, reduce, leaves: tuple[int, ...], chunk_size):
+  """Per-sample `reduce({leaf index: gradient})` (B,) over the parameter leaves numbered `leaves`, chunked."""
+  all_leaves = jax.tree.leaves(params)
+  grad_fn = example_grad_fn(model, loss_fn, params, leaves)
+  trainable = tuple(all_leaves[i] for i in leaves)
+  return _per_example_map(lambda x_i, y_i: reduce(dict(zip(leaves, grad_fn(trainable, x_i, y_i)))), x, y, chunk_size)
+
+
 def grads(
-    model: nn.Module,
+    model: ModelLike,
     params: Params,
     x: jax.Array,
     y: jax.Array,
@@ -205,116 +188,98 @@ def grads(
   This materialises B x P values; prefer `grad_norms` / `grad_dots` when only those are needed.
   """
   _check_batch(x, y)
-
-  def example_grad(x_i, y_i):
-    def example_loss(p):
-      outputs, _ = model.apply({"params": p}, x_i[None])
-      return loss_fn(outputs, y_i[None])[0]
-
-    return jax.grad(example_loss)(params)
-
-  return _per_example_map(example_grad, x, y, chunk_size)
+  model = as_model(model)
+  example_grad = jax.grad(lambda p, x_i, y_i: loss_fn(outputs(model, p, x_i[None]), y_i[None])[0])
+  return _per_example_map(lambda x_i, y_i: example_grad(params, x_i, y_i), x, y, chunk_size)
 
 
-def _vmap_reduce(model, loss_fn, params, x, y, reduce, *, only: dict | None, chunk_size):
-  """Per-sample `reduce(flat_grad_i)` (B,) over the parameters in `only` (all when None), chunked."""
-  flat = traverse_util.flatten_dict(params)
-  trainable = flat if only is None else only
-  frozen = {k: v for k, v in flat.items() if k not in trainable}
-  grad_fn = example_grad_fn(model, loss_fn, frozen)
-  return _per_example_map(lambda x_i, y_i: reduce(grad_fn(trainable, x_i, y_i)), x, y, chunk_size)
+# ----------------------------------------------------------------------------------------------------
+# The ghost path.
+
+_WARNED: set = set()
 
 
-def _tree_sq_norm(tree) -> jax.Array:
-  return sum(jnp.vdot(leaf, leaf) for leaf in jax.tree.leaves(tree))
+def _fallback_leaves(model: Model, params: Params, taped: frozenset[int]) -> tuple[int, ...]:
+  """Leaves the tape does not cover, warning once per model when they are more than a small share."""
+  sizes = [int(np.prod(jnp.shape(leaf))) for leaf in jax.tree.leaves(params)]
+  other = tuple(i for i in range(len(sizes)) if i not in taped)
+  share = sum(sizes[i] for i in other) / max(sum(sizes), 1)
+  if share > FALLBACK_WARNING_SHARE and model not in _WARNED:
+    _WARNED.add(model)
+    names = leaf_names(params)
+    listed = ", ".join(names[i] for i in other[:5]) + (", ..." if len(other) > 5 else "")
+    warnings.warn(
+        f"{share:.0%} of the parameters of model {model.name} ({listed}) take the slow vmap path for"
+        " per-sample gradients; metasel.persample.coverage(model, params, x) says which and why",
+        stacklevel=3,
+    )
+  return other
 
 
-def _positions(tape: GhostTape, path: Path) -> tuple[jax.Array, jax.Array]:
-  """A layer's inputs (B, T, in) and output gradients (B, T, out), positions T flattened (1 for dense)."""
-  a, d = tape.inputs[path], tape.output_grads[path]
-  batch = a.shape[0]
-  return a.reshape(batch, -1, a.shape[-1]), d.reshape(batch, -1, d.shape[-1])
+def _tape_for(model, params, x, y, loss_fn, given: tape_lib.Tape | None) -> tape_lib.Tape:
+  return record(model, params, x, y, loss_fn) if given is None else given
 
 
-def _kernel_sq_norms(a: jax.Array, d: jax.Array) -> jax.Array:
-  """||sum_t a_t d_t^T||_F^2 per sample (B,) for a (B, T, in), d (B, T, out).
-
-  Through the Gram identity sum_{t,s} <a_t, a_s><d_t, d_s> when T^2 <= in * out (always for a plain
-  dense layer, T = 1), else by forming each sample's (in, out) layer gradient: whichever is smaller.
-  """
-  positions, fan_in, fan_out = a.shape[1], a.shape[2], d.shape[2]
-  if positions * positions <= fan_in * fan_out:
-    return jnp.sum(jnp.einsum("bti,bsi->bts", a, a) * jnp.einsum("bto,bso->bts", d, d), axis=(1, 2))
-  return jnp.sum(jnp.square(jnp.einsum("bti,bto->bio", a, d)), axis=(1, 2))
+def _check_strategy(method: str) -> None:
+  if method not in ("ghost", "vmap"):
+    raise ValueError(f"method must be 'ghost' or 'vmap', got {method!r}")
 
 
-def _ghost_sq_norms(tape: GhostTape, ghost_params: dict) -> jax.Array:
-  """Sum over ghost layers of each sample's squared kernel and bias gradient norms, shape (B,)."""
-  total = jnp.zeros_like(tape.losses)
-  for path in tape.inputs:
-    a, d = _positions(tape, path)
-    total = total + _kernel_sq_norms(a, d)
-    if path + ("bias",) in ghost_params:
-      total = total + jnp.sum(jnp.square(jnp.sum(d, axis=1)), axis=-1)
-  return total
-
-
-def _ghost_dots(tape: GhostTape, ref_flat: dict) -> jax.Array:
-  """Sum over ghost layers of sum_t a_t^T G d_t (kernel) + <sum_t d_t, g_b> (bias), shape (B,)."""
-  total = jnp.zeros_like(tape.losses)
-  for path in tape.inputs:
-    a, d = _positions(tape, path)
-    total = total + jnp.sum((a @ kernel_as_matrix(ref_flat[path + ("kernel",)])) * d, axis=(1, 2))
-    bias = ref_flat.get(path + ("bias",))
-    if bias is not None:
-      total = total + jnp.sum(d, axis=1) @ bias
-  return total
+def _tree_sq_norm(grads: dict[int, jax.Array]) -> jax.Array:
+  return sum(jnp.vdot(g, g) for g in grads.values())
 
 
 def grad_norms(
-    model: nn.Module,
+    model: ModelLike,
     params: Params,
     x: jax.Array,
     y: jax.Array,
     loss_fn: LossFn,
     *,
-    method: Method = "ghost",
+    method: Strategy = "ghost",
     chunk_size: int | None = None,
-    tape: GhostTape | None = None,
+    tape: tape_lib.Tape | None = None,
 ) -> jax.Array:
   """L2 norms (B,) of each sample's loss gradient with respect to all of `params`.
 
   Args:
-    model: Flax module returning `(outputs, embedding)`.
+    model: a Flax linen or NNX module, or an `apply(params, x)` function.
     params: its parameters.
     x: inputs, batch axis 0. y: targets (B,).
     loss_fn: per-sample loss `(outputs, targets) -> (B,)`.
-    method: "ghost" (exact ghost identity on dense layers, chunked vmap on the rest) or "vmap".
+    method: "ghost" (taped layers by the ghost identity, chunked vmap for the rest) or "vmap".
     chunk_size: examples per vmapped chunk on the vmap path (None: the whole batch at once).
     tape: a `record` of this batch at `params` to reuse on the ghost path (recorded here when None).
   """
-  _check_method(method)
+  _check_strategy(method)
   _check_batch(x, y)
+  model = as_model(model)
+  every = tuple(range(len(jax.tree.leaves(params))))
   if method == "vmap":
-    return jnp.sqrt(_vmap_reduce(model, loss_fn, params, x, y, _tree_sq_norm, only=None, chunk_size=chunk_size))
-  tape = record(model, params, x, y, loss_fn) if tape is None else tape
-  ghost, other = _split_params(params, set(tape.inputs))
-  sq = _ghost_sq_norms(tape, ghost)
+    return jnp.sqrt(_vmap_reduce(model, loss_fn, params, x, y, _tree_sq_norm, every, chunk_size))
+  recorded = _tape_for(model, params, x, y, loss_fn, tape)
+  taped = recorded.taped_leaves
+  sq = jnp.zeros(x.shape[0], jnp.float32)
+  for layer in recorded.layers:
+    if set(layer.info.leaves) <= taped:
+      sq = sq + ghost.sq_norms(layer)
+  other = _fallback_leaves(model, params, taped)
   if other:
-    sq = sq + _vmap_reduce(model, loss_fn, params, x, y, _tree_sq_norm, only=other, chunk_size=chunk_size)
+    sq = sq + _vmap_reduce(model, loss_fn, params, x, y, _tree_sq_norm, other, chunk_size)
   return jnp.sqrt(sq)
 
 
 def grad_dots(
-    model: nn.Module,
+    model: ModelLike,
     params: Params,
     x: jax.Array,
     y: jax.Array,
     ref_grad: Params,
     loss_fn: LossFn,
     *,
-    method: Method = "ghost",
+    method: Strategy = "ghost",
     chunk_size: int | None = None,
+    tape: tape_lib.Tape | None = None,
 ) -> jax.Array:
   """Dot products (B,) of each sample's loss gradient with a reference gradient `ref_grad`.
 
@@ -322,29 +287,89 @@ def grad_dots(
   `-lr * grad_dots(...)` is each sample's first-order effect on the validation loss of one SGD step.
   Arguments are as in `grad_norms`.
   """
-  _check_method(method)
+  _check_strategy(method)
   _check_batch(x, y)
-  ref_flat = traverse_util.flatten_dict(ref_grad)
-  param_keys = set(traverse_util.flatten_dict(params))
-  if set(ref_flat) != param_keys:
-    raise ValueError(
-        "ref_grad must have the structure of params; differing entries:"
-        f" {sorted('/'.join(k) for k in set(ref_flat) ^ param_keys)}"
-    )
+  model = as_model(model)
+  ref_leaves, ref_def = jax.tree.flatten(ref_grad)
+  param_def = jax.tree.structure(params)
+  if ref_def != param_def:
+    raise ValueError(f"ref_grad must have the structure of params; got {ref_def}, expected {param_def}")
 
-  def dot_with_ref(flat_grad):
-    return sum(jnp.vdot(g, ref_flat[k]) for k, g in flat_grad.items())
+  def dot_with_ref(grads):
+    return sum(jnp.vdot(g, ref_leaves[i]) for i, g in grads.items())
 
+  every = tuple(range(len(ref_leaves)))
   if method == "vmap":
-    return _vmap_reduce(model, loss_fn, params, x, y, dot_with_ref, only=None, chunk_size=chunk_size)
-  tape = record(model, params, x, y, loss_fn)
-  _, other = _split_params(params, set(tape.inputs))
-  dots = _ghost_dots(tape, ref_flat)
+    return _vmap_reduce(model, loss_fn, params, x, y, dot_with_ref, every, chunk_size)
+  recorded = _tape_for(model, params, x, y, loss_fn, tape)
+  taped = recorded.taped_leaves
+  total = jnp.zeros(x.shape[0], jnp.float32)
+  for layer in recorded.layers:
+    if set(layer.info.leaves) <= taped:
+      total = total + ghost.dots(layer, {role: ref_leaves[i] for role, i in layer.info.roles})
+  other = _fallback_leaves(model, params, taped)
   if other:
-    dots = dots + _vmap_reduce(model, loss_fn, params, x, y, dot_with_ref, only=other, chunk_size=chunk_size)
-  return dots
+    total = total + _vmap_reduce(model, loss_fn, params, x, y, dot_with_ref, other, chunk_size)
+  return total
 
 
-def _check_method(method: str) -> None:
-  if method not in ("ghost", "vmap"):
-    raise ValueError(f"method must be 'ghost' or 'vmap', got {method!r}")
+# ----------------------------------------------------------------------------------------------------
+# Coverage
+
+
+def leaf_names(params: Params) -> list[str]:
+  """A readable name per parameter leaf, in `jax.tree.leaves` order, e.g. "Dense_0/kernel"."""
+
+  def part(key) -> str:
+    for attr in ("key", "idx", "name"):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+
+  return ["/".join(part(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+class Coverage(NamedTuple):
+  """Which parameters take the ghost path for a model and batch, and why the others take the vmap fallback.
+
+  Attributes:
+    ghost: parameter name -> the layer that tapes it, e.g. "Dense_0 (Dense)".
+    fallback: parameter name -> the reason it falls back.
+    ghost_share: the share of parameter entries on the ghost path.
+  """
+
+  ghost: dict[str, str]
+  fallback: dict[str, str]
+  ghost_share: float
+
+  def __str__(self) -> str:
+    lines = [f"ghost path: {self.ghost_share:.1%} of the parameter entries"]
+    lines += [f"  ghost  {name:<40} {layer}" for name, layer in self.ghost.items()]
+    lines += [f"  vmap   {name:<40} {reason}" for name, reason in self.fallback.items()]
+    return "\n".join(lines)
+
+
+def coverage(model: ModelLike, params: Params, x: jax.Array) -> Coverage:
+  """Report, for `model` on a batch like x (B, ...), which parameters the tape covers and why others fall back.
+
+  Runs no computation (only `jax.eval_shape`).
+  """
+  model = as_model(model)
+  fwd = jax.eval_shape(lambda p, v: tape_lib.forward(model, p, v), params, x)
+  names = leaf_names(params)
+  sizes = [int(np.prod(jnp.shape(leaf))) for leaf in jax.tree.leaves(params)]
+  reasons = {i: f"{s.name} ({s.layer_type}): {s.reason}" for s in fwd.skipped for i in s.leaves}
+  owners = {i: f"{c.info.name} ({c.info.layer_type})" for c in fwd.calls for i in c.info.leaves}
+  ghost_names, fallback = {}, {}
+  # A layer skipped under a transformation inside the model holds no outer leaves; its path names its own.
+  by_path = {s.name + "/": f"{s.name} ({s.layer_type}): {s.reason}" for s in fwd.skipped if not s.leaves}
+  for i, name in enumerate(names):
+    named = [reason for prefix, reason in by_path.items() if name.startswith(prefix)]
+    if i in reasons or named:
+      fallback[name] = reasons.get(i) or named[0]
+    elif i in owners:
+      ghost_names[name] = owners[i]
+    else:
+      fallback[name] = f"not a parameter of a supported layer ({', '.join(tape_lib.SUPPORTED)})"
+  share = sum(sizes[i] for i, n in enumerate(names) if n in ghost_names) / max(sum(sizes), 1)
+  return Coverage(ghost_names, fallback, share)

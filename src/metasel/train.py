@@ -1,10 +1,10 @@
-"""One training loop for every data-selection method.
+"""One training loop for every data-selection method, on any Flax model and any optax optimiser.
 
-A method is a small record of pure functions over its own state (`Method`), in the optax manner:
-it gives each batch's per-sample weights and, optionally, the sampling distribution over the pool.
-One epoch is one compiled program: a `lax.scan` over its steps, each step drawing its batch on
-device, weighting the per-sample losses, taking an optax step and updating the method's state and a
-per-sample signal tracker. The Python side only logs metrics, shows progress and stops on a NaN.
+A method (`metasel.core.Method`) gives each batch's per-sample weights and, optionally, the sampling
+distribution over the pool. One epoch is one compiled program: a `lax.scan` over its steps, each step
+drawing its batch on device, weighting the per-sample losses, taking an optax step, letting the method
+make its state transition and (optionally) updating a per-sample training-dynamics tracker. The
+Python side only logs metrics, shows progress, saves checkpoints and stops on a NaN.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,19 +24,15 @@ import optax
 import orbax.checkpoint as ocp
 import tqdm
 
-from metasel import persample, signals
+from metasel import adapters, checks, core, persample, signals, tape
+from metasel.adapters import Model, ModelLike
 from metasel.data import Dataset, sampling
-from metasel.models import init_params
+from metasel.numerics import safe_divide
 
 __all__ = [
-    "Batch",
-    "StepContext",
-    "StepResult",
-    "Method",
-    "uniform",
-    "weight_diagnostics",
     "LoopState",
     "TrainConfig",
+    "OPTIMIZERS",
     "make_optimizer",
     "loss_fn_for",
     "make_epoch",
@@ -47,117 +42,64 @@ __all__ = [
     "progress_enabled",
 ]
 
-
-class Batch(NamedTuple):
-  """A training batch: pool indices (B,), inputs (B, ...), targets (B,), real/synthetic groups (B,)."""
-
-  indices: jax.Array
-  x: jax.Array
-  y: jax.Array
-  groups: jax.Array | None = None
-
-
-class StepContext(NamedTuple):
-  """What a method may look at in one step: model params, the batch, a clean validation batch, a key.
-
-  The loop also fills in its own forward pass on the batch at `params` (per-sample `losses` (B,),
-  `outputs` (B, O) and `embeddings` (B, D)), so methods need not run the model again for them, and
-  the whole training pool (`train_x` (N, ...), `train_y` (N,)) for methods that score or probe it.
-  """
-
-  params: Any
-  batch: Batch
-  val_x: jax.Array
-  val_y: jax.Array
-  key: jax.Array
-  losses: jax.Array | None = None
-  outputs: jax.Array | None = None
-  embeddings: jax.Array | None = None
-  train_x: jax.Array | None = None
-  train_y: jax.Array | None = None
-
-
-class StepResult(NamedTuple):
-  """What a method learns from the model's step.
-
-  Attributes:
-    losses: per-sample losses (B,) before the step.
-    params: the model's params after the step.
-    weight_vjp: `cotangent on params -> (B,)`: how the new params depend on each sample's weight, e.g.
-      with the gradient of a validation loss at `params` it gives d L_val(params) / d w_i exactly, for
-      the loop's own optimiser and its state.
-    tape: the step's `persample.GhostTape` at the params before the step, from its own forward and
-      backward pass: every ghost layer's per-sample inputs and loss-to-output gradients (zero for a
-      sample of weight zero), from which per-sample gradient norms and dot products follow.
-  """
-
-  losses: jax.Array
-  params: Any
-  weight_vjp: Callable[[Any], jax.Array]
-  tape: persample.GhostTape | None = None
-
-
-class Method(NamedTuple):
-  """A data-selection method as pure functions over its state.
-
-  Attributes:
-    init: `(key, num_train) -> state`.
-    weights: `(state, ctx) -> (weights, state, metrics)`: non-negative per-sample weights (B,) summing
-      to one for the model's step, the state handed to `update` (it may carry what `update` needs from
-      this step), and a dict of scalar metrics to log (the same keys every step; may be empty).
-    update: `(state, ctx, step_result) -> (state, metrics)`, called after the model step with a
-      `StepResult`; returns the state in the structure `init` gives, and metrics as above.
-    probs: optional `state -> (N,)` sampling distribution over the training pool; when absent the
-      loop walks the pool in uniformly shuffled epochs.
-    name: label used in logs.
-  """
-
-  init: Callable[[jax.Array, int], Any]
-  weights: Callable[[Any, StepContext], jax.Array]
-  update: Callable[[Any, StepContext, jax.Array], Any]
-  probs: Callable[[Any], jax.Array] | None = None
-  name: str = "method"
-
-
-def _uniform_weights(state, ctx):
-  size = ctx.batch.y.shape[0]
-  return jnp.full((size,), 1.0 / size, jnp.float32), state, {}
-
-
-_UNIFORM = Method(
-    init=lambda key, num_train: (),
-    weights=_uniform_weights,
-    update=lambda state, ctx, result: (state, {}),
-    name="uniform",
-)
-
-
-def uniform() -> Method:
-  """Every sample of a batch weighted 1/B, batches drawn as shuffled epochs: plain training.
-
-  Always the same record, so that runs with it share their compiled epochs.
-  """
-  return _UNIFORM
-
-
-def weight_diagnostics(weights: jax.Array) -> dict[str, jax.Array]:
-  """Effective batch size 1/sum p_i^2, max p_i and Var(p_i) of normalised weights p (B,)."""
-  return {
-      "effective_batch_size": 1.0 / jnp.sum(jnp.square(weights)),
-      "max_weight": jnp.max(weights),
-      "weight_var": jnp.var(weights),
-  }
+Optimizer = str | optax.GradientTransformation
+DEFAULT_LEARNING_RATE = 1e-3
 
 
 class LoopState(NamedTuple):
-  """Everything that changes during training, carried through the compiled epoch."""
+  """Everything that changes during training, carried through the compiled epoch (tracker None when off)."""
 
   params: Any
   opt_state: Any
   method_state: Any
-  tracker: signals.TrackerState
+  tracker: signals.TrackerState | None
   step: jax.Array
   key: jax.Array
+
+
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "sgd": lambda learning_rate: optax.sgd(learning_rate),
+    "momentum": lambda learning_rate: optax.sgd(learning_rate, momentum=0.9),
+    # eps_root keeps derivatives through the step finite where a gradient entry is zero.
+    "adam": lambda learning_rate: optax.adam(learning_rate, eps_root=1e-16),
+}
+
+
+@functools.cache
+def _named_optimizer(name: str) -> optax.GradientTransformation:
+  """The optimiser `name` with its learning rate as traced state (one compiled program for every rate)."""
+  return optax.inject_hyperparams(OPTIMIZERS[name])(learning_rate=DEFAULT_LEARNING_RATE)
+
+
+def _init_at_rate(init: Callable, learning_rate: float, params) -> Any:
+  state = init(params)
+  return state._replace(hyperparams={**state.hyperparams, "learning_rate": jnp.asarray(learning_rate, jnp.float32)})
+
+
+def make_optimizer(optimizer: Optimizer, learning_rate: float | None = None) -> optax.GradientTransformation:
+  """The optax optimiser a `TrainConfig` names.
+
+  A name ("sgd", "momentum", "adam") gets `learning_rate` (default 1e-3) as a hyperparameter in its
+  state (`optax.inject_hyperparams`), so its `update` is one function for every rate and runs at
+  different rates share one compiled program. An optax `GradientTransformation` (schedules included) is
+  used as it is and takes no `learning_rate`.
+  """
+  if isinstance(optimizer, str):
+    checks.check_choice("optimizer", optimizer, tuple(OPTIMIZERS))
+    rate = DEFAULT_LEARNING_RATE if learning_rate is None else learning_rate
+    checks.check_positive("learning_rate", rate)
+    base = _named_optimizer(optimizer)
+    return optax.GradientTransformation(functools.partial(_init_at_rate, base.init, rate), base.update)
+  if not isinstance(optimizer, optax.GradientTransformation):
+    raise ValueError(
+        f"optimizer must be one of {tuple(OPTIMIZERS)} or an optax GradientTransformation, got {optimizer!r}"
+    )
+  if learning_rate is not None:
+    raise ValueError(
+        "learning_rate applies to a named optimizer; an optax GradientTransformation carries its own"
+        f" (got learning_rate={learning_rate!r}); expected learning_rate=None"
+    )
+  return optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,49 +110,41 @@ class TrainConfig:
     epochs: passes over the training pool (an epoch is `len(train) // batch_size` steps).
     batch_size: samples per step.
     val_batch_size: clean validation samples a method sees per step.
-    optimizer: "sgd", "momentum" or "adam".
-    learning_rate: the optimizer's step size.
+    optimizer: "sgd", "momentum", "adam", or any optax `GradientTransformation` (e.g.
+      `optax.adamw(optax.cosine_decay_schedule(1e-3, 1000))`).
+    learning_rate: the named optimizer's step size (default 1e-3); None with a transformation.
     seed: seeds parameters, batch order and the method.
+    track_dynamics: keep the per-sample training-dynamics tracker (`signals.tracker_update`) in the loop.
   """
 
   epochs: int = 10
   batch_size: int = 64
   val_batch_size: int = 64
-  optimizer: str = "adam"
-  learning_rate: float = 1e-3
+  optimizer: Optimizer = "adam"
+  learning_rate: float | None = None
   seed: int = 0
+  track_dynamics: bool = True
 
   def check(self, dataset: Dataset) -> None:
     """Raise a clear ValueError for settings this dataset cannot support, before any compute."""
     for name in ("epochs", "batch_size", "val_batch_size"):
-      value = getattr(self, name)
-      if not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if self.batch_size > len(dataset.train):
-      raise ValueError(
-          f"batch_size={self.batch_size} is larger than the training split ({len(dataset.train)} samples);"
-          " expected at most the split size"
-      )
-    if self.val_batch_size > len(dataset.val):
-      raise ValueError(
-          f"val_batch_size={self.val_batch_size} is larger than the validation split"
-          f" ({len(dataset.val)} samples); expected at most the split size"
-      )
-    if not self.learning_rate > 0:
-      raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
+      checks.check_int(name, getattr(self, name))
+    checks.check_seed(self.seed)
+    for name, split in (("batch_size", dataset.train), ("val_batch_size", dataset.val)):
+      if getattr(self, name) > len(split):
+        which = "training" if name == "batch_size" else "validation"
+        raise ValueError(
+            f"{name}={getattr(self, name)} is larger than the {which} split ({len(split)} samples);"
+            " expected at most the split size"
+        )
     make_optimizer(self.optimizer, self.learning_rate)
 
-
-def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
-  """The optax optimizer called `name` ("sgd", "momentum" or "adam")."""
-  makers = {
-      "sgd": lambda lr: optax.sgd(lr),
-      "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
-      "adam": lambda lr: optax.adam(lr, eps_root=1e-16),  # eps_root: finite derivatives through the step
-  }
-  if name not in makers:
-    raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(makers)}")
-  return makers[name](learning_rate)
+  def describe(self) -> dict[str, Any]:
+    """The settings as JSON-ready values (a custom optax optimiser is named by its type only)."""
+    settings = dataclasses.asdict(self)
+    if not isinstance(self.optimizer, str):
+      settings["optimizer"] = f"optax:{type(self.optimizer).__name__}"
+    return settings
 
 
 def loss_fn_for(dataset: Dataset) -> persample.LossFn:
@@ -218,65 +152,57 @@ def loss_fn_for(dataset: Dataset) -> persample.LossFn:
   return persample.squared_error if dataset.task == "regression" else persample.softmax_cross_entropy
 
 
-def _check_finite(dataset: Dataset) -> None:
-  for split_name in ("train", "val", "test"):
-    split = getattr(dataset, split_name)
-    bad = ~np.isfinite(np.asarray(split.x, dtype=np.float64))
-    if bad.any():
-      row = int(np.argwhere(bad)[0][0])
-      raise ValueError(
-          f"{split_name} features contain NaN or inf ({int(bad.sum())} values, first in row {row});"
-          " expected finite numbers"
-      )
-
-
 def _per_unit_weight(output_grads, weights: jax.Array):
   """Per-sample output gradients of the weighted loss divided by each weight w_i (zero where w_i = 0)."""
-  positive = weights > 0
-  scale = jnp.where(positive, 1.0 / jnp.where(positive, weights, 1.0), 0.0)  # (B,)
+  scale = safe_divide(1.0, weights)  # (B,)
   return jax.tree.map(lambda g: g * scale.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype), output_grads)
 
 
+def _check_weights(weights: jax.Array, size: int, method: core.Method) -> None:
+  if jnp.shape(weights) != (size,):
+    raise ValueError(f"method {method.name} returned weights of shape {jnp.shape(weights)}; expected ({size},)")
+
+
 def make_epoch(
-    model: nn.Module,
+    model: ModelLike,
     loss_fn: persample.LossFn,
     tx: optax.GradientTransformation,
-    method: Method,
+    method: core.Method,
     val_batch_size: int,
+    track_dynamics: bool = True,
 ):
   """Build `epoch(state, data, batch_indices) -> (state, metrics)`: one `lax.scan` over steps.
 
   `data` is `(train_x, train_y, val_x, val_y)`, optionally followed by the training samples' groups
-  (N,) (`Split.groups`, shown to methods as `Batch.groups`); `batch_indices` (S, B) are the uniform epoch's
-  batches (ignored when the method samples from its own `probs`); each step shows the method
+  (N,) (`Split.groups`, shown to methods as `Batch.groups`); `batch_indices` (S, B) are the uniform
+  epoch's batches (ignored when the method samples from its own `probs`); each step shows the method
   `val_batch_size` validation rows drawn without replacement. Metrics are stacked over steps.
   Jit the result once per run, donating the state.
   """
+  model = adapters.as_model(model)
 
   def step(data: tuple, state: LoopState, batch_indices: jax.Array):
     train_x, train_y, val_x, val_y, *groups = data
     key, batch_key, val_key, method_key = jax.random.split(state.key, 4)
     if method.probs is not None:
-      batch_indices = sampling.weighted_batches(
-          batch_key, method.probs(state.method_state), batch_indices.shape[0], 1
-      )[0]
-    batch_groups = groups[0][batch_indices] if groups else None
-    batch = Batch(batch_indices, train_x[batch_indices], train_y[batch_indices], batch_groups)
+      batch_indices = sampling.weighted_batches(batch_key, method.probs(state.method_state), batch_indices.shape[0], 1)[0]
+    batch = core.Batch(batch_indices, train_x[batch_indices], train_y[batch_indices], groups[0][batch_indices] if groups else None)
     val_rows = jax.random.choice(val_key, val_x.shape[0], (val_batch_size,), replace=False)
-    def forward(params, perturbations):
-      return persample.taped_forward(model, params, perturbations, batch.x, batch.y, loss_fn)
 
-    # One forward pass serves the method (losses, outputs, embeddings) and the weighted gradient; its
-    # zero perturbations make the same backward pass yield every ghost layer's output gradients.
-    perturbations = persample.zero_perturbations(model, state.params, batch.x)
-    per_sample, pullback, (outputs, embeddings, layer_inputs) = jax.vjp(
-        forward, state.params, perturbations, has_aux=True
+    def forward(params, perturbations):
+      fwd = tape.forward(model, params, batch.x, perturbations=perturbations)
+      return loss_fn(fwd.outputs, batch.y), fwd
+
+    # One forward pass serves the method (losses, outputs, embeddings) and the weighted gradient; its zero
+    # perturbations make the same backward pass yield every taped layer's output gradients.
+    perturbations = tape.zero_perturbations(model, state.params, batch.x)
+    per_sample, pullback, fwd = jax.vjp(forward, state.params, perturbations, has_aux=True)
+    ctx = core.StepContext(
+        state.params, batch, val_x[val_rows], val_y[val_rows], method_key, per_sample, fwd.outputs,
+        fwd.embeddings, train_x, train_y,
     )
-    ctx = StepContext(
-        state.params, batch, val_x[val_rows], val_y[val_rows], method_key, per_sample, outputs, embeddings,
-        train_x, train_y,
-    )
-    weights, method_state, weight_metrics = method.weights(state.method_state, ctx)
+    weights, carry, weight_metrics = method.weights(state.method_state, ctx)
+    _check_weights(weights, batch_indices.shape[0], method)
 
     def model_step(weights):
       grads, output_grads = pullback(weights)  # gradients of sum_i w_i l_i
@@ -285,20 +211,21 @@ def make_epoch(
 
     # The step's VJP costs nothing unless a method asks how the new params depend on the weights.
     params, step_vjp, (grads, updates, opt_state, output_grads) = jax.vjp(model_step, weights, has_aux=True)
-    tape = persample.tape_of(
-        per_sample, outputs, embeddings, layer_inputs, _per_unit_weight(output_grads, weights), strict=False
-    )
-    loss = jnp.sum(weights * per_sample)
-    logits, labels = (outputs, batch.y) if jnp.issubdtype(batch.y.dtype, jnp.integer) else (None, None)
-    tracker = signals.tracker_update(state.tracker, batch.indices, per_sample, logits, labels)
-    result = StepResult(per_sample, params, lambda cotangent: step_vjp(cotangent)[0], tape)
-    method_state, update_metrics = method.update(method_state, ctx, result)
+    step_tape = tape.assemble(fwd, _per_unit_weight(output_grads, weights), per_sample)
+    result = core.StepResult(per_sample, params, lambda cotangent: step_vjp(cotangent)[0], step_tape)
+    method_state, update_metrics = method.update(state.method_state, ctx, result, carry)
+    tracker = state.tracker
+    if track_dynamics:
+      classified = jnp.issubdtype(batch.y.dtype, jnp.integer)
+      tracker = signals.tracker_update(
+          tracker, batch.indices, per_sample, fwd.outputs if classified else None, batch.y if classified else None
+      )
     metrics = {
-        "loss": loss,
+        "loss": jnp.sum(weights * per_sample),
         "mean_loss": jnp.mean(per_sample),
         "grad_norm": optax.global_norm(grads),
         "update_norm": optax.global_norm(updates),
-        **weight_diagnostics(weights),
+        **core.weight_diagnostics(weights),
         **weight_metrics,
         **update_metrics,
     }
@@ -310,9 +237,9 @@ def make_epoch(
   return epoch
 
 
-def evaluate(model: nn.Module, loss_fn: persample.LossFn, params, x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
+def evaluate(model: ModelLike, loss_fn: persample.LossFn, params, x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
   """Mean loss and (for integer targets) accuracy of `params` on all of (x, y)."""
-  outputs, _ = model.apply({"params": params}, x)
+  outputs = persample.outputs(model, params, x)
   result = {"loss": jnp.mean(loss_fn(outputs, y))}
   if jnp.issubdtype(y.dtype, jnp.integer):
     result["accuracy"] = jnp.mean(jnp.argmax(outputs, axis=-1) == y)
@@ -320,18 +247,22 @@ def evaluate(model: nn.Module, loss_fn: persample.LossFn, params, x: jax.Array, 
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_epoch(model, loss_fn, optimizer: str, learning_rate: float, method: Method, val_batch_size: int):
-  """The jitted epoch, shared by every run with the same model, optimiser and method (e.g. all seeds).
+def _compiled_epoch(model: Model, loss_fn, update: Callable, method: core.Method, val_batch_size: int, track: bool):
+  """The jitted epoch, shared by every run with the same model, optimiser update and method (all seeds and rates).
 
   Only the few most recent are kept: each holds compiled programs, and a process that keeps hundreds
   of them alive (a long test session) runs out of memory mappings.
   """
-  tx = make_optimizer(optimizer, learning_rate)
-  return jax.jit(make_epoch(model, loss_fn, tx, method, val_batch_size), donate_argnums=0)
+  tx = optax.GradientTransformation(_no_init, update)  # the epoch only updates; `fit` initialises the state
+  return jax.jit(make_epoch(model, loss_fn, tx, method, val_batch_size, track), donate_argnums=0)
+
+
+def _no_init(params):
+  raise AssertionError("the compiled epoch never initialises an optimiser")
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_evaluate(model, loss_fn):
+def _compiled_evaluate(model: Model, loss_fn):
   return jax.jit(lambda p, x, y: evaluate(model, loss_fn, p, x, y))
 
 
@@ -354,7 +285,7 @@ class _Checkpoints:
     options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
     self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
     # Everything but the epoch count must match for a checkpoint to continue this run.
-    self.settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "epochs"}
+    self.settings = {k: v for k, v in config.describe().items() if k != "epochs"}
 
   @staticmethod
   def _saveable(state: LoopState) -> LoopState:
@@ -385,53 +316,83 @@ class _Checkpoints:
     self.manager.wait_until_finished()  # the next epoch donates these buffers
 
 
+def _initial_state(model: Model, dataset: Dataset, config: TrainConfig, method: core.Method, tx, params, keys):
+  """The loop state before the first epoch: params (given, or the model's init), optimiser, method, tracker."""
+  init_key, method_key, loop_key = keys
+  if params is None:
+    params = adapters.init(model, init_key, dataset.input_shape, dataset.train.x.dtype)
+  else:
+    dummy = jnp.zeros((1, *dataset.input_shape), dataset.train.x.dtype)
+    adapters.split_outputs(jax.eval_shape(model.apply, params, dummy), 1)
+  num_train = len(dataset.train)
+  state = LoopState(
+      params=params,
+      opt_state=tx.init(params),
+      method_state=method.init(method_key, num_train),
+      tracker=signals.tracker_init(num_train) if config.track_dynamics else None,
+      step=jnp.zeros((), jnp.int32),
+      key=loop_key,
+  )
+  # The state is donated to each epoch; give every leaf its own buffer, since inits may share one.
+  return jax.tree.map(jnp.copy, state)
+
+
+def _epoch_record(epoch: int, state: LoopState, step_metrics: dict, eval_fn, splits: dict) -> dict[str, Any]:
+  """The epoch's log line: mean step metrics and the validation and test evaluation."""
+  record = {"epoch": epoch + 1, "step": int(state.step)}
+  record.update({f"train/{k}": float(np.mean(v)) for k, v in step_metrics.items()})
+  for name, (x, y) in splits.items():
+    record.update({f"{name}/{k}": float(v) for k, v in eval_fn(state.params, x, y).items()})
+  return record
+
+
+def _check_finite_loss(step_metrics: dict, state: LoopState, epoch: int) -> None:
+  losses = step_metrics["loss"]
+  if not np.all(np.isfinite(losses)):
+    bad = int(np.argmin(np.isfinite(losses)))
+    raise FloatingPointError(
+        f"training loss became non-finite at step {int(state.step) - len(losses) + bad + 1}"
+        f" (epoch {epoch + 1}); metrics up to this epoch were logged. Lower the learning rate or check the data."
+    )
+
+
 def fit(
-    model: nn.Module,
+    model: ModelLike,
     dataset: Dataset,
     config: TrainConfig,
-    method: Method | None = None,
+    method: core.Method | None = None,
     *,
+    params: Any = None,
     log: Callable[[dict[str, Any]], None] | None = None,
     log_every: int = 1,
     checkpoint_dir: str | os.PathLike | None = None,
 ) -> FitResult:
   """Train `model` on `dataset` with `method` (uniform by default); returns the state and history.
 
-  Each epoch is one compiled scan. After every epoch the validation and test loss (and accuracy) are
-  evaluated and passed to `log` together with the mean of the step metrics; per-step metrics are
-  passed every `log_every` steps. A non-finite loss stops training with a FloatingPointError after
-  everything up to that epoch has been logged.
+  `model` is a Flax linen or NNX module or an `apply(params, x)` function; `params` are the starting
+  parameters (default: the model's init with `config.seed`; an NNX module starts from its own, and a
+  function needs them given). Each epoch is one compiled scan. After every epoch the validation and
+  test loss (and accuracy) are evaluated and passed to `log` together with the mean of the step
+  metrics; per-step metrics are passed every `log_every` steps. A non-finite loss stops training with a
+  FloatingPointError after everything up to that epoch has been logged.
 
   With `checkpoint_dir`, the state and history are saved there after every epoch, and a run that
   finds a checkpoint continues from it: it ends with the same numbers as an uninterrupted run.
   """
-  method = method or uniform()
+  model = adapters.as_model(model)
+  method = method or core.uniform()
   config.check(dataset)
-  _check_finite(dataset)
-  if log_every < 1:
-    raise ValueError(f"log_every must be a positive integer, got {log_every!r}")
+  for split_name in ("train", "val", "test"):
+    checks.check_finite_rows(f"{split_name} features", getattr(dataset, split_name).x)
+  checks.check_int("log_every", log_every)
   loss_fn = loss_fn_for(dataset)
   tx = make_optimizer(config.optimizer, config.learning_rate)
-
-  key = jax.random.key(config.seed)
-  init_key, method_key, loop_key, order_key = jax.random.split(key, 4)
-  params = init_params(model, init_key, dataset.input_shape)
-  num_train = len(dataset.train)
-  state = LoopState(
-      params=params,
-      opt_state=tx.init(params),
-      method_state=method.init(method_key, num_train),
-      tracker=signals.tracker_init(num_train),
-      step=jnp.zeros((), jnp.int32),
-      key=loop_key,
-  )
-  # The state is donated to each epoch; give every leaf its own buffer, since inits may share one.
-  state = jax.tree.map(jnp.copy, state)
+  init_key, method_key, loop_key, order_key = jax.random.split(jax.random.key(config.seed), 4)
+  state = _initial_state(model, dataset, config, method, tx, params, (init_key, method_key, loop_key))
   data = tuple(
-      jnp.asarray(a)
-      for a in (dataset.train.x, dataset.train.y, dataset.val.x, dataset.val.y, dataset.train.groups)
+      jnp.asarray(a) for a in (dataset.train.x, dataset.train.y, dataset.val.x, dataset.val.y, dataset.train.groups)
   )
-  epoch_fn = _compiled_epoch(model, loss_fn, config.optimizer, config.learning_rate, method, config.val_batch_size)
+  epoch_fn = _compiled_epoch(model, loss_fn, tx.update, method, config.val_batch_size, config.track_dynamics)
   eval_fn = _compiled_evaluate(model, loss_fn)
   splits = {name: (jnp.asarray(getattr(dataset, name).x), jnp.asarray(getattr(dataset, name).y)) for name in ("val", "test")}
 
@@ -444,13 +405,10 @@ def fit(
       desc=method.name, disable=not progress_enabled(), leave=False,
   )
   for epoch in bar:
-    batches = sampling.epoch_batches(jax.random.fold_in(order_key, epoch), num_train, config.batch_size)
+    batches = sampling.epoch_batches(jax.random.fold_in(order_key, epoch), len(dataset.train), config.batch_size)
     state, step_metrics = epoch_fn(state, data, batches)
     step_metrics = jax.device_get(step_metrics)
-    record = {"epoch": epoch + 1, "step": int(state.step)}
-    record.update({f"train/{k}": float(np.mean(v)) for k, v in step_metrics.items()})
-    for name, (x, y) in splits.items():
-      record.update({f"{name}/{k}": float(v) for k, v in eval_fn(state.params, x, y).items()})
+    record = _epoch_record(epoch, state, step_metrics, eval_fn, splits)
     if log is not None:
       first_step = int(state.step) - len(batches)
       for i in range(0, len(batches), log_every):
@@ -458,13 +416,7 @@ def fit(
       log(record)
     history.append(record)
     bar.set_postfix(loss=f"{record['train/mean_loss']:.3f}")
-    if not np.all(np.isfinite(step_metrics["loss"])):
-      bad = int(np.argmin(np.isfinite(step_metrics["loss"])))
-      raise FloatingPointError(
-          f"training loss became non-finite at step {int(state.step) - len(batches) + bad + 1}"
-          f" (epoch {epoch + 1}); metrics up to this epoch were logged. Lower the learning rate or check the data."
-      )
+    _check_finite_loss(step_metrics, state, epoch)
     if checkpoints is not None:
       checkpoints.save(epoch + 1, state, history)
   return FitResult(state, history)
-

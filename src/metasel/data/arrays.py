@@ -35,15 +35,20 @@ def from_arrays(
     class_names: Sequence[str] = (),
     group_names: Sequence[str] = ("real",),
     check_disjoint: bool = True,
+    vocabulary: Sequence[str] = (),
 ) -> Dataset:
   """Build a `Dataset` from numpy splits after checking shapes, dtypes, finiteness and label ranges.
 
   Each split is a `Split` or a tuple `(x, y[, tier[, source_index[, group]]])` with x (N, ...) and y (N,).
   `num_classes=None` infers it: 0 (regression) for float targets, else `max(y) + 1`. Integer targets
-  become int32 class ids, float targets float32, features float32, tiers and groups int32 (default
-  all clean; no group means all real). Groups index `group_names`, e.g. ("real", "synthetic").
+  become int32 class ids, float targets float32, float (and bool) features float32, integer features
+  int32, tiers and groups int32 (default all clean; no group means all real). Groups index
+  `group_names`, e.g. ("real", "synthetic").
   With `check_disjoint`, splits that all carry `source_index` must not share an index.
+  A non-empty `vocabulary` (the token of each id) makes a token dataset: every x must be integer ids
+  (N, L) in [0, len(vocabulary)), and feature_names default to one per position, "t0", "t1", ...
   """
+  vocabulary = _check_vocabulary(vocabulary)
   raw = {name_: _as_tuple(name_, s) for name_, s in zip(SPLITS, (train, val, test))}
   ys = [np.asarray(r[1]) for r in raw.values()]
   regression = all(np.issubdtype(y.dtype, np.floating) for y in ys)
@@ -53,7 +58,10 @@ def from_arrays(
   if num_classes == 0 and not regression:
     raise ValueError("num_classes=0 means regression and needs float targets y; got integer targets")
   splits = {
-      split: _check_split(split, *r, num_classes=num_classes, num_tiers=len(tier_names), num_groups=len(group_names))
+      split: _check_split(
+          split, *r, num_classes=num_classes, num_tiers=len(tier_names), num_groups=len(group_names),
+          vocab_size=len(vocabulary),
+      )
       for split, r in raw.items()
   }
   shapes = {split: s.x.shape[1:] for split, s in splits.items()}
@@ -61,7 +69,7 @@ def from_arrays(
     raise ValueError(f"splits disagree in feature shape: {shapes}; expected one shape (without the batch axis)")
   num_features = int(np.prod(shapes["train"]))
   if feature_names is None:
-    feature_names = tuple(f"x{i}" for i in range(num_features))
+    feature_names = tuple(f"{'t' if vocabulary else 'x'}{i}" for i in range(num_features))
   if len(feature_names) != num_features:
     raise ValueError(f"got {len(feature_names)} feature_names for {num_features} features; expected one per feature")
   if not tier_names or tier_names[CLEAN_TIER] != "clean":
@@ -79,8 +87,24 @@ def from_arrays(
       tier_names=tuple(tier_names),
       class_names=tuple(str(c) for c in class_names),
       group_names=tuple(str(g) for g in group_names),
+      vocabulary=vocabulary,
       **splits,
   )
+
+
+def _check_vocabulary(vocabulary: Sequence[str]) -> tuple[str, ...]:
+  """`vocabulary` as a tuple of distinct strings (empty for non-token data), or a ValueError saying what is wrong."""
+  if isinstance(vocabulary, str) or not isinstance(vocabulary, Sequence):
+    raise ValueError(f"vocabulary must be a sequence of token strings (one per id), got {type(vocabulary).__name__}")
+  bad = [v for v in vocabulary if not isinstance(v, str)]
+  if bad:
+    raise ValueError(f"vocabulary holds {len(bad)} non-string entries (first: {bad[0]!r}); expected one string per id")
+  seen: dict[str, int] = {}
+  for i, token in enumerate(vocabulary):
+    if token in seen:
+      raise ValueError(f"vocabulary lists {token!r} twice (ids {seen[token]} and {i}); expected distinct tokens")
+    seen[token] = i
+  return tuple(vocabulary)
 
 
 def _as_tuple(split: str, value: SplitLike) -> tuple:
@@ -96,7 +120,7 @@ def _as_tuple(split: str, value: SplitLike) -> tuple:
 
 
 def _check_split(
-    split, x, y, tier, source_index, group, *, num_classes: int, num_tiers: int, num_groups: int
+    split, x, y, tier, source_index, group, *, num_classes: int, num_tiers: int, num_groups: int, vocab_size: int = 0
 ) -> Split:
   """One validated split with canonical dtypes; errors name the split and the bad value."""
   x, y = np.asarray(x), np.asarray(y)
@@ -109,13 +133,7 @@ def _check_split(
     raise ValueError(f"{split} split is empty; expected at least one sample")
   if y.shape != (n,):
     raise ValueError(f"{split} y has shape {y.shape} but x has {n} rows; expected y of shape ({n},)")
-  x = x.astype(np.float32)
-  bad = ~np.isfinite(x.reshape(n, -1)).all(axis=1)
-  if bad.any():
-    raise ValueError(
-        f"{split} x has {int(bad.sum())} rows with NaN or inf features (first: row {int(np.argmax(bad))});"
-        " expected finite values"
-    )
+  x = _check_tokens(split, x, vocab_size) if vocab_size else _check_features(split, x)
   if num_classes == 0:
     y = y.astype(np.float32)
     if not np.isfinite(y).all():
@@ -160,6 +178,40 @@ def _check_split(
       )
     group = group.astype(np.int32)
   return Split(x, y, tier.astype(np.int32), source_index, group)
+
+
+def _check_features(split: str, x: np.ndarray) -> np.ndarray:
+  """Features with canonical dtype: integer x as int32 (when its values fit), float and bool x as finite float32."""
+  if np.issubdtype(x.dtype, np.integer):
+    info = np.iinfo(np.int32)
+    if x.min() < info.min or x.max() > info.max:
+      raise ValueError(
+          f"{split} x has integer values in [{x.min()}, {x.max()}]; expected values that fit int32"
+          f" ([{info.min}, {info.max}]) or float features"
+      )
+    return x.astype(np.int32)
+  x = x.astype(np.float32)
+  bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+  if bad.any():
+    raise ValueError(
+        f"{split} x has {int(bad.sum())} rows with NaN or inf features (first: row {int(np.argmax(bad))});"
+        " expected finite values"
+    )
+  return x
+
+
+def _check_tokens(split: str, x: np.ndarray, vocab_size: int) -> np.ndarray:
+  """Token ids (N, L) as int32, or a ValueError when they are not integers in [0, vocab_size)."""
+  if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
+    raise ValueError(
+        f"{split} x has shape {x.shape} and dtype {x.dtype}; expected integer token ids (N, L) with a vocabulary"
+    )
+  if x.min() < 0 or x.max() >= vocab_size:
+    raise ValueError(
+        f"{split} x has token ids in [{x.min()}, {x.max()}]; expected ids 0..{vocab_size - 1}"
+        f" (a vocabulary of {vocab_size} tokens)"
+    )
+  return x.astype(np.int32)
 
 
 def _check_disjoint(splits: Mapping[str, Split]) -> None:

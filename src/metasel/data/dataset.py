@@ -62,10 +62,12 @@ class Dataset:
     name: the spec it was loaded from, e.g. "mixture" or "csv:/path/train.csv".
     train, val, test: disjoint splits. For generated mixtures `val` holds clean data only.
     num_classes: number of classes, or 0 for regression.
-    feature_names: one name per feature column (flattened for images).
+    feature_names: one name per feature column (flattened for images), or per token position for tokens.
     tier_names: names of the quality tiers; index 0 is "clean".
     class_names: one name per class (empty for regression).
     group_names: names of the sample groups that `Split.group` indexes; index 0 is "real".
+    vocabulary: for token datasets, the token string of each id (x holds int32 ids, 0 is padding), so a
+      model reads its vocabulary size as `len(vocabulary)`; empty for every other dataset.
   """
 
   name: str
@@ -77,6 +79,7 @@ class Dataset:
   tier_names: tuple[str, ...] = ("clean",)
   class_names: tuple[str, ...] = ()
   group_names: tuple[str, ...] = ("real",)
+  vocabulary: tuple[str, ...] = ()
 
   @property
   def task(self) -> str:
@@ -87,3 +90,8 @@ class Dataset:
   def input_shape(self) -> tuple[int, ...]:
     """Shape of one sample's features, without the batch axis."""
     return tuple(self.train.x.shape[1:])
+
+  @property
+  def is_tokens(self) -> bool:
+    """True when x holds token ids into `vocabulary` rather than features."""
+    return bool(self.vocabulary)

@@ -18,6 +18,7 @@ import sklearn.datasets
 from metasel import checks
 from metasel.data import arrays
 from metasel.data.dataset import CLEAN_TIER, MIXED_GROUPS, REAL_GROUP, SYNTHETIC_GROUP, Dataset
+from metasel.data.text import PAD_ID, SPECIAL_TOKENS
 
 MIXTURE_TIERS = ("clean", "label_noise", "feature_shift", "near_duplicate", "pure_noise")
 DIGITS_TIERS = ("clean", "pixel_noise", "blur", "shift", "label_flip")
@@ -28,6 +29,8 @@ DEFAULT_CORRUPTED_TIERS = {"label_noise": 0.2, "feature_noise": 0.1, "near_dupli
 CORRUPTED_NOISE_SCALE = 3.0  # feature_noise std, in units of each feature column's train std
 CORRUPTED_DUPLICATE_SOURCES = 10  # near_duplicate rows are copies of this many rows
 CORRUPTED_DUPLICATE_JITTER = 0.01  # near_duplicate noise std, in units of each feature column's train std
+CORRUPTED_TOKEN_NOISE = 0.3  # feature_noise on token rows replaces this fraction of each row's tokens (at least one)
+CORRUPTED_DUPLICATE_EDITS = (1, 2)  # (fewest, most) tokens a near_duplicate token row replaces in its source
 
 
 def sine(
@@ -272,6 +275,11 @@ def corrupted_mixture(
     pure_noise      each feature column an independent random permutation of that column over the
                     synthetic part's source rows, which keeps every column's values but breaks up
                     the rows; the label uniform at random.
+  On token datasets (`real.is_tokens`) the same tiers edit token ids, never creating <pad> or <unk>:
+    feature_noise   `CORRUPTED_TOKEN_NOISE` of each row's tokens (at least one) become other random words;
+    near_duplicate  copies of `CORRUPTED_DUPLICATE_SOURCES` rows with 1 or 2 tokens (`CORRUPTED_DUPLICATE_EDITS`)
+                    replaced by other random words;
+    pure_noise      random words, as many as a random length within the source rows' lengths, then padding.
   `source_index` is the input train row each sample was made from (for pure_noise, the row it
   replaces), in `real`'s numbering: its `train.source_index` when recorded, else the row position.
   Only rows of `real.train` that are clean and real are used, so a generated mixture works too.
@@ -295,12 +303,16 @@ def corrupted_mixture(
         f"n_real={n_real} leaves none of the {len(pool)} clean real train rows of {real.name!r} to make the"
         f" synthetic part from; expected n_real < {len(pool)} (load more train rows, e.g. a larger n_train)"
     )
+  if real.is_tokens and len(real.vocabulary) < len(SPECIAL_TOKENS) + 2:
+    raise ValueError(
+        f"{real.name!r} has a vocabulary of {len(real.vocabulary)} tokens; corrupted_mixture replaces words by"
+        f" other words, so expected at least 2 words besides {SPECIAL_TOKENS} (fit the vocabulary on more text)"
+    )
 
   rng = np.random.default_rng(seed)
   num_classes = real.num_classes
   x = real.train.x.reshape(len(real.train), -1)  # (N, F)
   y = real.train.y
-  std = x.std(axis=0, dtype=np.float64)  # (F,)
   names = ["n_real", "the synthetic part's source pool"]
   kept, rest = (pool[p] for p in arrays.stratified_subsets(y[pool], [n_real, None], rng, names=names))
   kept = rng.permutation(kept)
@@ -313,17 +325,15 @@ def corrupted_mixture(
 
   flip = tier == CORRUPTED_TIERS.index("label_noise")
   syn_y[flip] = (syn_y[flip] + rng.integers(1, num_classes, int(flip.sum()))) % num_classes
-  noisy = tier == CORRUPTED_TIERS.index("feature_noise")
-  syn_x[noisy] += CORRUPTED_NOISE_SCALE * std * rng.normal(size=(int(noisy.sum()), x.shape[1]))
   dup = np.flatnonzero(tier == CORRUPTED_TIERS.index("near_duplicate"))
-  if dup.size:
-    src[dup] = src[dup[np.arange(dup.size) % min(CORRUPTED_DUPLICATE_SOURCES, dup.size)]]  # the first as prototypes
-    syn_x[dup] = x[src[dup]] + CORRUPTED_DUPLICATE_JITTER * std * rng.normal(size=(dup.size, x.shape[1]))
-    syn_y[dup] = y[src[dup]]
+  src[dup] = src[dup[np.arange(dup.size) % max(min(CORRUPTED_DUPLICATE_SOURCES, dup.size), 1)]]  # first as prototypes
+  if real.is_tokens:
+    syn_x = _corrupt_tokens(x, syn_x, src, rest, tier, rng, vocab_size=len(real.vocabulary))
+  else:
+    syn_x = _corrupt_features(x, syn_x, src, rest, tier, rng)
+  syn_y[dup] = y[src[dup]]
   noise = np.flatnonzero(tier == CORRUPTED_TIERS.index("pure_noise"))
-  if noise.size:
-    syn_x[noise] = _shuffled_columns(x[rest], noise.size, rng)
-    syn_y[noise] = rng.integers(0, num_classes, noise.size)
+  syn_y[noise] = rng.integers(0, num_classes, noise.size)
 
   rows = np.concatenate([kept, src])
   source = real.train.source_index
@@ -344,7 +354,65 @@ def corrupted_mixture(
       class_names=real.class_names,
       group_names=MIXED_GROUPS,
       check_disjoint=False,  # train rows are a subset of real's train split, which was checked when it was built
+      vocabulary=real.vocabulary,
   )
+
+
+def _corrupt_features(x, syn_x, src, rest, tier, rng) -> np.ndarray:
+  """`corrupted_mixture`'s feature_noise, near_duplicate and pure_noise tiers on feature rows syn_x (S, F).
+
+  `x` (N, F) is the real train split, `src` (S,) each synthetic row's source row (near-duplicates
+  already pointing at their prototypes) and `rest` the source pool; returns the corrupted rows.
+  """
+  std = x.std(axis=0, dtype=np.float64)  # (F,)
+  noisy = tier == CORRUPTED_TIERS.index("feature_noise")
+  syn_x[noisy] += CORRUPTED_NOISE_SCALE * std * rng.normal(size=(int(noisy.sum()), x.shape[1]))
+  dup = np.flatnonzero(tier == CORRUPTED_TIERS.index("near_duplicate"))
+  if dup.size:
+    syn_x[dup] = x[src[dup]] + CORRUPTED_DUPLICATE_JITTER * std * rng.normal(size=(dup.size, x.shape[1]))
+  noise = np.flatnonzero(tier == CORRUPTED_TIERS.index("pure_noise"))
+  if noise.size:
+    syn_x[noise] = _shuffled_columns(x[rest], noise.size, rng)
+  return syn_x
+
+
+def _corrupt_tokens(x, syn_x, src, rest, tier, rng, *, vocab_size: int) -> np.ndarray:
+  """The same tiers as `_corrupt_features` on token id rows syn_x (S, L): words replaced, or random word rows."""
+  lengths = (x != PAD_ID).sum(axis=1)  # (N,)
+  noisy = np.flatnonzero(tier == CORRUPTED_TIERS.index("feature_noise"))
+  edits = np.ceil(CORRUPTED_TOKEN_NOISE * lengths[src[noisy]]).astype(int)
+  syn_x[noisy] = _replace_tokens(syn_x[noisy], edits, vocab_size, rng)
+  dup = np.flatnonzero(tier == CORRUPTED_TIERS.index("near_duplicate"))
+  low, high = CORRUPTED_DUPLICATE_EDITS
+  edits = np.minimum(rng.integers(low, high + 1, dup.size), lengths[src[dup]])
+  syn_x[dup] = _replace_tokens(x[src[dup]], edits, vocab_size, rng)
+  noise = np.flatnonzero(tier == CORRUPTED_TIERS.index("pure_noise"))
+  shortest, longest = max(int(lengths[rest].min()), 1), max(int(lengths[rest].max()), 1)
+  syn_x[noise] = _random_token_rows(rng.integers(shortest, longest + 1, noise.size), x.shape[1], vocab_size, rng)
+  return syn_x
+
+
+def _other_words(ids: np.ndarray, vocab_size: int, rng: np.random.Generator) -> np.ndarray:
+  """Random word ids (never <pad> or <unk>) shaped like `ids`, each a different word from the one it replaces."""
+  first, words = len(SPECIAL_TOKENS), vocab_size - len(SPECIAL_TOKENS)
+  own = ids - first  # the word's index among the words; negative for <pad> and <unk>
+  other = first + (np.maximum(own, 0) + rng.integers(1, words, ids.shape)) % words  # a word != own
+  anyone = first + rng.integers(0, words, ids.shape)
+  return np.where(own >= 0, other, anyone)
+
+
+def _replace_tokens(rows: np.ndarray, edits: np.ndarray, vocab_size: int, rng: np.random.Generator) -> np.ndarray:
+  """Token rows (M, L) with `edits` (M,) of each row's non-pad positions, chosen at random, set to other words."""
+  real = rows != PAD_ID
+  order = np.where(real, rng.random(rows.shape), np.inf).argsort(axis=1).argsort(axis=1)  # random rank, pads last
+  chosen = real & (order < edits[:, None])
+  return np.where(chosen, _other_words(rows, vocab_size, rng), rows).astype(rows.dtype)
+
+
+def _random_token_rows(lengths: np.ndarray, width: int, vocab_size: int, rng: np.random.Generator) -> np.ndarray:
+  """Rows (M, width) of `lengths` (M,) uniformly random words each, then <pad>."""
+  words = len(SPECIAL_TOKENS) + rng.integers(0, vocab_size - len(SPECIAL_TOKENS), (len(lengths), width))
+  return np.where(np.arange(width) < lengths[:, None], words, PAD_ID).astype(np.int32)
 
 
 def _shuffled_columns(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:

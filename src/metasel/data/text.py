@@ -1,27 +1,31 @@
-"""Text classification data: local CSV/TSV/line files and TensorFlow Datasets, with TF-IDF features.
+"""Text classification data: local CSV/TSV/line files and TensorFlow Datasets, as TF-IDF features or token ids.
 
-TF-IDF is fitted on the train split only, so val and test words never leak into the vocabulary.
-Raw labels are re-indexed 0..C-1 in sorted order (numeric order when every label is an integer).
+TF-IDF and the token vocabulary are fitted on the train split only, so val and test words never leak
+into them. Raw labels are re-indexed 0..C-1 in sorted order (numeric order when every label is an integer).
+Files are read by `metasel.data.readers`, which never merges or drops rows silently.
 """
 
 from __future__ import annotations
 
-import csv
 import os
-import re
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 
 from metasel import checks
 from metasel.data import arrays
 from metasel.data.dataset import Dataset
+from metasel.data.readers import Column, is_number, read_lines, read_table
 
-_NUMBER = re.compile(r"^\s*[-+]?\d+(\.\d*)?\s*$")
-Column = int | str
+PAD_ID = 0  # "<pad>": fills a token row past the end of its text
+UNK_ID = 1  # "<unk>": a token the training split's vocabulary does not hold
+SPECIAL_TOKENS = ("<pad>", "<unk>")  # the tokens of ids PAD_ID and UNK_ID; kept words take the ids after them
+REPRESENTATIONS = ("tfidf", "tokens")
+DEFAULT_VOCAB_SIZE = 20000  # token ids a vocabulary may hold, the two special tokens included
+DEFAULT_MAX_LENGTH = 128  # tokens kept per text
 
 
 def tfidf(
@@ -36,111 +40,73 @@ def tfidf(
   return [m.toarray() for m in matrices], tuple(vectorizer.get_feature_names_out())
 
 
-def unescape(text: str) -> str:
-  """Turn the literal `\\n` of Zhang-style CSVs back into newlines."""
-  return text.replace("\\n", "\n")
+def token_mask(ids):
+  """True at real tokens and False at padding (`ids != PAD_ID`), for numpy or jax arrays of token ids."""
+  return ids != PAD_ID
 
 
-def read_lines(path: str | os.PathLike) -> tuple[list[str], list[str], np.ndarray]:
-  """Read a `label text` per line file (TextFooler's Yelp format): raw labels, texts, and line numbers.
+def _analyzer() -> Callable[[str], list[str]]:
+  """scikit-learn's default word analyzer, the one TF-IDF uses: a text's lowercased words of 2+ characters, in order."""
+  return CountVectorizer(lowercase=True).build_analyzer()
 
-  One leading and one trailing double quote (left over from the original CSV) are stripped and
-  literal `\\n` is unescaped. Blank lines are skipped; line numbers count from 0.
+
+def fit_vocabulary(texts: Sequence[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> tuple[str, ...]:
+  """The token of each id: "<pad>", "<unk>", then the most frequent words of `texts`, ties in string order.
+
+  `vocab_size` counts every id, the two special ones included; fewer distinct words give a shorter vocabulary.
   """
-  labels, texts, rows = [], [], []
-  with open(_existing(path), encoding="utf-8") as f:
-    for i, line in enumerate(f):
-      line = line.rstrip("\r\n")
-      if not line.strip():
-        continue
-      label, sep, text = line.partition(" ")
-      if not sep:
-        raise ValueError(f"line {i + 1} of {path} has no space after the label {label[:20]!r}; expected 'label text'")
-      text = text.removeprefix('"').removesuffix('"')
-      labels.append(label)
-      texts.append(unescape(text))
-      rows.append(i)
-  return labels, texts, np.asarray(rows, np.int64)
+  checks.check_int("vocab_size", vocab_size, minimum=len(SPECIAL_TOKENS) + 1)
+  analyze = _analyzer()
+  counts = Counter(token for t in texts for token in analyze(t))
+  kept = sorted(counts, key=lambda token: (-counts[token], token))[: vocab_size - len(SPECIAL_TOKENS)]
+  return SPECIAL_TOKENS + tuple(kept)
 
 
-def read_table(
-    path: str | os.PathLike,
-    *,
-    delimiter: str = ",",
-    label_column: Column | None = None,
-    text_columns: Sequence[Column] | Column | None = None,
-    header: bool | str = "infer",
-) -> tuple[list[str], list[str], np.ndarray]:
-  """Read a CSV/TSV file with Python's csv module: raw labels, texts (text columns joined by a space), row numbers.
+def token_ids(texts: Sequence[str], vocabulary: Sequence[str], max_length: int = DEFAULT_MAX_LENGTH) -> np.ndarray:
+  """int32 (N, max_length) ids of each text's words in order, cut at max_length and padded with PAD_ID.
 
-  `label_column` and `text_columns` are column names (needs a header) or int indexes; by default the
-  label is the column named "label" if there is one, else column 0, and the text is every other
-  column. `header="infer"` takes the first row as a header when it holds the named `label_column`,
-  or when some column is numeric in the following rows but not in the first. Row numbers count data
-  rows from 0, header excluded.
+  Words outside `vocabulary` become UNK_ID; a text with no words at all becomes one UNK_ID, so that
+  every row keeps at least one unmasked position (no row is ever dropped).
   """
-  if header not in (True, False, "infer"):
-    raise ValueError(f"header must be True, False or 'infer', got {header!r}")
-  with open(_existing(path), encoding="utf-8", newline="") as f:
-    records = [r for r in csv.reader(f, delimiter=delimiter) if r]
-  if not records:
-    raise ValueError(f"{path} holds no rows; expected a header and/or data rows")
-  if header == "infer":
-    names_label = isinstance(label_column, str) and label_column in records[0]
-    header = names_label or _looks_like_header(records)
-  names = records[0] if header else []
-  data = records[1:] if header else records
-  width = len(records[0])
-  if label_column is None:
-    label_column = "label" if "label" in names else 0
-  label_idx = _column_index("label_column", label_column, names, width, path)
-  if text_columns is None:
-    text_idx = [i for i in range(width) if i != label_idx]
-  else:
-    cols = [text_columns] if isinstance(text_columns, (str, int)) else list(text_columns)
-    text_idx = [_column_index("text_columns", c, names, width, path) for c in cols]
-  if not text_idx:
-    raise ValueError(f"{path} has no text column besides the label column {label_idx}; expected at least one")
-  for i, r in enumerate(data):
-    if len(r) != width:
-      raise ValueError(f"data row {i} of {path} has {len(r)} fields; expected {width} like the first row")
-  labels = [r[label_idx].strip() for r in data]
-  texts = [unescape(" ".join(r[j] for j in text_idx)) for r in data]
-  return labels, texts, np.arange(len(data), dtype=np.int64)
+  checks.check_int("max_length", max_length)
+  if tuple(vocabulary[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
+    raise ValueError(
+        f"vocabulary starts with {tuple(vocabulary[:len(SPECIAL_TOKENS)])!r}; expected {SPECIAL_TOKENS} (ids PAD_ID,"
+        " UNK_ID) before the words, as `fit_vocabulary` makes it"
+    )
+  index = {token: i for i, token in enumerate(vocabulary) if i >= len(SPECIAL_TOKENS)}
+  analyze = _analyzer()
+  ids = np.full((len(texts), max_length), PAD_ID, np.int32)
+  for row, t in enumerate(texts):
+    words = [index.get(token, UNK_ID) for token in analyze(t)[:max_length]] or [UNK_ID]
+    ids[row, : len(words)] = words
+  return ids
 
 
-def _existing(path: str | os.PathLike) -> Path:
-  """`path` as a Path, or a FileNotFoundError naming it."""
-  p = Path(path).expanduser()
-  if not p.is_file():
-    raise FileNotFoundError(f"data file not found: {str(path)!r} (resolved to {str(p.resolve())!r})")
-  return p
+def tokens(
+    train: Sequence[str], *others: Sequence[str], max_length: int = DEFAULT_MAX_LENGTH, vocab_size: int = DEFAULT_VOCAB_SIZE
+) -> tuple[list[np.ndarray], tuple[str, ...]]:
+  """Token ids of `train` texts and of each of `others`, with a vocabulary fitted on `train` only.
+
+  Returns the int32 (N, max_length) id matrices (train first) and the vocabulary (the token of each id).
+  """
+  vocabulary = fit_vocabulary(train, vocab_size)
+  return [token_ids(t, vocabulary, max_length) for t in (train, *others)], vocabulary
 
 
-def _looks_like_header(records: list[list[str]]) -> bool:
-  """True when some column is numeric in the next rows but not in the first (a named numeric column)."""
-  first, rest = records[0], records[1:21]
-  if not rest:
-    return False
-  return any(
-      not _NUMBER.match(first[j]) and all(j < len(r) and _NUMBER.match(r[j]) for r in rest) for j in range(len(first))
-  )
+def _featurise(
+    train: Sequence[str], *others: Sequence[str], representation: str, max_features: int, max_length: int,
+    vocab_size: int,
+) -> tuple[list[np.ndarray], tuple[str, ...], tuple[str, ...]]:
+  """TF-IDF features or token ids of each split's texts, fitted on train: the matrices, column names, vocabulary.
 
-
-def _column_index(option: str, column: Column, names: list[str], width: int, path: Any) -> int:
-  """Index of `column` (a name in the header or an int index), or a ValueError listing the columns."""
-  if isinstance(column, str):
-    if not names:
-      raise ValueError(
-          f"{option}={column!r} names a column but {path} is read without a header; pass header=True or an int index"
-      )
-    if column not in names:
-      raise ValueError(f"{option}={column!r} is not a column of {path}; columns: {names}")
-    return names.index(column)
-  if isinstance(column, bool) or not isinstance(column, int) or not -width <= column < width:
-    described = f"columns: {names}" if names else f"{width} columns, indexes 0..{width - 1}"
-    raise ValueError(f"{option}={column!r} is not a column of {path}; it has {described}")
-  return column % width
+  The vocabulary is empty for TF-IDF (its words are the column names); token columns are positions t0, t1, ...
+  """
+  if representation == "tokens":
+    xs, vocabulary = tokens(train, *others, max_length=max_length, vocab_size=vocab_size)
+    return xs, tuple(f"t{i}" for i in range(max_length)), vocabulary
+  xs, names = tfidf(train, *others, max_features=max_features)
+  return xs, names, ()
 
 
 def encode_labels(
@@ -182,7 +148,7 @@ def encode_labels(
 
 def _label_key(label: str) -> tuple:
   """Sort key: numbers in numeric order before other labels in string order."""
-  return (0, float(label), label) if _NUMBER.match(label) else (1, 0.0, label)
+  return (0, float(label), label) if is_number(label) else (1, 0.0, label)
 
 
 def _subsets(y: np.ndarray, n_train, n_val, n_test, seed: int) -> list[np.ndarray]:
@@ -193,28 +159,32 @@ def _subsets(y: np.ndarray, n_train, n_val, n_test, seed: int) -> list[np.ndarra
   return arrays.stratified_subsets(y, [n_train, n_val, n_test], seed, names=["n_train", "n_val", "n_test"])
 
 
-def _check_common(n_train, n_val, n_test, max_features) -> None:
-  """Validate the size options shared by the text loaders."""
+def _check_common(n_train, n_val, n_test, features: Mapping[str, Any]) -> None:
+  """Validate the size and featurisation options shared by the text loaders (every one, whichever representation)."""
   for name, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
     checks.check_int(name, n, allow_none=True)
-  checks.check_int("max_features", max_features)
+  checks.check_choice("representation", features["representation"], REPRESENTATIONS)
+  checks.check_int("max_features", features["max_features"])
+  checks.check_int("max_length", features["max_length"])
+  checks.check_int("vocab_size", features["vocab_size"], minimum=len(SPECIAL_TOKENS) + 1)
 
 
-def _from_texts(name, texts, y, rows, parts, *, max_features, class_names) -> Dataset:
-  """Dataset from labelled texts and row subsets (train, val, test) of them, with TF-IDF fitted on train."""
-  xs, vocab = tfidf(*[[texts[i] for i in p] for p in parts], max_features=max_features)
+def _from_texts(name, texts, y, rows, parts, *, class_names, features: Mapping[str, Any]) -> Dataset:
+  """Dataset from labelled texts and row subsets (train, val, test) of them, with features fitted on train."""
+  xs, feature_names, vocabulary = _featurise(*[[texts[i] for i in p] for p in parts], **features)
   splits = [(x, y[p], None, rows[p]) for x, p in zip(xs, parts)]
   return arrays.from_arrays(
-      *splits, name=name, num_classes=len(class_names), feature_names=vocab, class_names=class_names
+      *splits, name=name, num_classes=len(class_names), feature_names=feature_names, class_names=class_names,
+      vocabulary=vocabulary,
   )
 
 
-def _labelled_texts(name, raw, texts, rows, label_map, sizes, seed, max_features) -> Dataset:
+def _labelled_texts(name, raw, texts, rows, label_map, sizes, seed, features: Mapping[str, Any]) -> Dataset:
   """Encode raw labels, draw stratified splits of `sizes` (train, val, test) and featurise the kept texts."""
   y, kept, class_names = encode_labels(raw, label_map)
   parts = _subsets(y, *sizes, seed)
   kept_texts = [texts[i] for i in kept]
-  return _from_texts(name, kept_texts, y, rows[kept], parts, max_features=max_features, class_names=class_names)
+  return _from_texts(name, kept_texts, y, rows[kept], parts, class_names=class_names, features=features)
 
 
 def load_table(
@@ -230,22 +200,30 @@ def load_table(
     n_val: int | None = None,
     n_test: int | None = None,
     max_features: int = 2000,
+    quoting: bool | None = None,
+    representation: str = "tfidf",
+    max_length: int = DEFAULT_MAX_LENGTH,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
 ) -> Dataset:
-  """A CSV (`delimiter=","`) or TSV (`"\\t"`) text file as a TF-IDF classification dataset.
+  """A CSV (`delimiter=","`) or TSV (`"\\t"`) text file as a classification dataset of TF-IDF features or token ids.
 
-  Columns and header as in `read_table`; `label_map` as in `encode_labels` (e.g. Yelp stars
+  Columns, header and quoting as in `read_table`; `label_map` as in `encode_labels` (e.g. Yelp stars
   {0: 0, 1: 0, 3: 1, 4: 1} drops 2). Train/val/test are disjoint class-stratified random subsets of
   the rows of sizes n_train (default: all rows left), n_val (10%) and n_test (20%).
-  `source_index` is each sample's data row in the file.
+  `representation="tfidf"` gives float32 TF-IDF of `max_features` train words; "tokens" gives int32
+  (N, max_length) ids into a train vocabulary of at most `vocab_size` ids (see `tokens`), with
+  `Dataset.vocabulary` set. `source_index` is each sample's data row in the file.
   """
   checks.check_seed(seed)
-  _check_common(n_train, n_val, n_test, max_features)
+  features = dict(representation=representation, max_features=max_features, max_length=max_length,
+                  vocab_size=vocab_size)
+  _check_common(n_train, n_val, n_test, features)
   if delimiter not in (",", "\t"):
     raise ValueError(f"delimiter must be ',' or '\\t', got {delimiter!r}")
   raw, texts, rows = read_table(path, delimiter=delimiter, label_column=label_column, text_columns=text_columns,
-                                header=header)
+                                header=header, quoting=quoting)
   name = f"{'csv' if delimiter == ',' else 'tsv'}:{path}"
-  return _labelled_texts(name, raw, texts, rows, label_map, (n_train, n_val, n_test), seed, max_features)
+  return _labelled_texts(name, raw, texts, rows, label_map, (n_train, n_val, n_test), seed, features)
 
 
 def load_lines(
@@ -257,12 +235,18 @@ def load_lines(
     n_val: int | None = None,
     n_test: int | None = None,
     max_features: int = 2000,
+    strip_quotes: bool = False,
+    representation: str = "tfidf",
+    max_length: int = DEFAULT_MAX_LENGTH,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
 ) -> Dataset:
-  """A `label text` per line file (see `read_lines`) as a TF-IDF classification dataset; options as `load_table`."""
+  """A `label text` per line file (see `read_lines`) as a classification dataset; options as `load_table`."""
   checks.check_seed(seed)
-  _check_common(n_train, n_val, n_test, max_features)
-  raw, texts, rows = read_lines(path)
-  return _labelled_texts(f"lines:{path}", raw, texts, rows, label_map, (n_train, n_val, n_test), seed, max_features)
+  features = dict(representation=representation, max_features=max_features, max_length=max_length,
+                  vocab_size=vocab_size)
+  _check_common(n_train, n_val, n_test, features)
+  raw, texts, rows = read_lines(path, strip_quotes=strip_quotes)
+  return _labelled_texts(f"lines:{path}", raw, texts, rows, label_map, (n_train, n_val, n_test), seed, features)
 
 
 def load_tfds(
@@ -281,11 +265,15 @@ def load_tfds(
     n_test: int | None = None,
     max_features: int = 2000,
     flatten: bool = False,
+    representation: str = "tfidf",
+    max_length: int = DEFAULT_MAX_LENGTH,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
 ) -> Dataset:
   """A TensorFlow Datasets classification set read through `tfds.data_source` (array_record, no TensorFlow).
 
-  Text fields (`text_keys`, default all string fields, joined by a space) become TF-IDF features fitted
-  on train; otherwise the image field becomes float32 / 255 (flattened with `flatten=True`).
+  Text fields (`text_keys`, default all string fields, joined by a space) become TF-IDF features or,
+  with `representation="tokens"`, token ids (as in `load_table`), fitted on train; otherwise the image
+  field becomes float32 / 255 (flattened with `flatten=True`) and representation must stay "tfidf".
   `val_split=None` uses a "validation" split when the builder lists one, else carves val from the
   train split. Roles that share a TFDS split get disjoint class-stratified subsets (defaults: val 10%,
   test 20%, train the rest); a role alone in its split takes n rows stratified, or all rows when n is None.
@@ -294,7 +282,9 @@ def load_tfds(
   import tensorflow_datasets as tfds  # a slow import, needed only by this source
 
   checks.check_seed(seed)
-  _check_common(n_train, n_val, n_test, max_features)
+  features_options = dict(representation=representation, max_features=max_features, max_length=max_length,
+                          vocab_size=vocab_size)
+  _check_common(n_train, n_val, n_test, features_options)
   for option, value in (("train_split", train_split), ("test_split", test_split), ("label_key", label_key)):
     if not isinstance(value, str) or not value:
       raise ValueError(f"{option} must be a non-empty string, got {value!r}")
@@ -324,6 +314,11 @@ def load_tfds(
     text_keys = strings
   elif not images:
     raise ValueError(f"{name} has no text or image feature to learn from; features: {list(features)}")
+  if representation == "tokens" and not text_keys:
+    raise ValueError(
+        f"representation='tokens' needs text fields, but {name} has only image features {images};"
+        " expected representation='tfidf' (images are read as pixels either way)"
+    )
   if val_split is None:
     val_split = "validation" if "validation" in info.splits else train_split
 
@@ -349,14 +344,14 @@ def load_tfds(
   chosen = {role: [records[roles[role][0]][i] for i in rows[role]] for role in roles}
   if text_keys:
     texts = [[" ".join(_text(r[k]) for k in text_keys) for r in chosen[role]] for role in roles]
-    xs, feature_names = tfidf(*texts, max_features=max_features)
+    xs, feature_names, vocabulary = _featurise(*texts, **features_options)
   else:
     xs = [_images(chosen[role], images[0], flatten) for role in roles]
-    feature_names = None
+    feature_names, vocabulary = None, ()
   splits = [(x, encode(labels[roles[role][0]][rows[role]]), None, rows[role]) for x, role in zip(xs, roles)]
   return arrays.from_arrays(
       *splits, name=f"tfds:{name}", num_classes=num_classes, feature_names=feature_names, class_names=class_names,
-      check_disjoint=len({s for s, _ in roles.values()}) == 1,
+      check_disjoint=len({s for s, _ in roles.values()}) == 1, vocabulary=vocabulary,
   )
 
 

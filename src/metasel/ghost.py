@@ -1,0 +1,195 @@
+"""The ghost algebra: per-sample gradient norms, dot products and steps from a layer's tape, never forming B x P.
+
+Three kinds of layer cover the standard Flax layers (`metasel.tape` decides which layer is which):
+
+* "dense" (Dense, DenseGeneral, Conv over its patches, nnx.Linear, nnx.Conv): per-sample input rows
+  a_{i,t} (B, T, in) and loss-to-output gradients d_{i,t} (B, T, out); the sample's kernel gradient is
+  sum_t a_t d_t^T and its bias gradient sum_t d_t. Norms use the cheaper of the Gram form
+  sum_{t,s} <a_t, a_s><d_t, d_s> (T x T per sample) and the formed (in, out) layer gradient.
+* "embed" (Embed, nnx.Embed): token ids (B, T) and output gradients (B, T, dim); the sample's table
+  gradient adds d_t to the row of id_t, so tokens of a sample that share an id add up.
+* "norm" (LayerNorm, RMSNorm and their NNX twins): the normalised input x_hat (B, T, D) and output
+  gradients (B, T, D); the sample's scale gradient is sum_t x_hat_t * d_t and its bias gradient sum_t d_t.
+
+A `LayerTape` holds one layer's rows and gradients and which parameter leaves ("roles") it owns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+__all__ = ["LayerInfo", "LayerTape", "sq_norms", "dots", "step_factors", "correction", "layer_grads"]
+
+DENSE, EMBED, NORM = "dense", "embed", "norm"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+  """What a taped layer is: its name, kind, class and the parameter leaves it owns.
+
+  Attributes:
+    name: the layer's path in the model, e.g. "Dense_0" or "blocks/0/mlp".
+    kind: "dense", "embed" or "norm".
+    layer_type: its class, e.g. "Dense" or "nnx.Linear".
+    roles: (role, leaf index) pairs: "kernel" / "bias", "embedding", or "scale" / "bias"; the index is the
+      leaf's position in `jax.tree.leaves(params)`.
+  """
+
+  name: str
+  kind: str
+  layer_type: str
+  roles: tuple[tuple[str, int], ...]
+
+  def leaf(self, role: str) -> int | None:
+    return dict(self.roles).get(role)
+
+  @property
+  def leaves(self) -> tuple[int, ...]:
+    return tuple(index for _, index in self.roles)
+
+
+@struct.dataclass
+class LayerTape:
+  """One layer's per-sample record: rows (B, T, in) (ids (B, T) for "embed") and output gradients (B, T, out)."""
+
+  info: LayerInfo = struct.field(pytree_node=False)
+  rows: jax.Array
+  grads: jax.Array
+
+
+def _gram_is_cheaper(positions: int, fan_in: int, fan_out: int) -> bool:
+  """Per sample, T x T Gram products cost T^2 (in + out); forming the layer gradient costs T in out."""
+  return positions * positions * (fan_in + fan_out) <= positions * fan_in * fan_out
+
+
+def _dense_kernel_sq_norms(a: jax.Array, d: jax.Array) -> jax.Array:
+  """||sum_t a_t d_t^T||_F^2 per sample (B,), by the cheaper of the Gram form and the formed gradient."""
+  positions, fan_in, fan_out = a.shape[1], a.shape[2], d.shape[2]
+  if positions == 1:
+    return jnp.sum(jnp.square(a[:, 0]), -1) * jnp.sum(jnp.square(d[:, 0]), -1)
+  if _gram_is_cheaper(positions, fan_in, fan_out):
+    return jnp.sum(jnp.einsum("bti,bsi->bts", a, a) * jnp.einsum("bto,bso->bts", d, d), axis=(1, 2))
+  return jnp.sum(jnp.square(jnp.einsum("bti,bto->bio", a, d)), axis=(1, 2))
+
+
+def _id_groups(ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per sample, the positions sorted by id and a group number per sorted position (equal ids, one group)."""
+  order = jnp.argsort(ids, axis=1)
+  sorted_ids = jnp.take_along_axis(ids, order, axis=1)
+  new = jnp.concatenate([jnp.ones_like(sorted_ids[:, :1], bool), sorted_ids[:, 1:] != sorted_ids[:, :-1]], axis=1)
+  return order, jnp.cumsum(new, axis=1) - 1
+
+
+def _embed_sq_norms(ids: jax.Array, d: jax.Array) -> jax.Array:
+  """||table gradient||^2 per sample: the rows of equal ids summed first (segment sums), then squared."""
+  order, group = _id_groups(ids)
+  sorted_d = jnp.take_along_axis(d, order[..., None], axis=1)  # (B, T, dim)
+  positions = ids.shape[1]
+  summed = jax.vmap(lambda g, v: jax.ops.segment_sum(v, g, num_segments=positions, indices_are_sorted=True))(
+      group, sorted_d
+  )
+  return jnp.sum(jnp.square(summed), axis=(1, 2))
+
+
+def _norm_grads(layer: LayerTape) -> dict[str, jax.Array]:
+  """Per-sample scale and bias gradients (B, D) of a normalisation layer."""
+  out = {}
+  if layer.info.leaf("scale") is not None:
+    out["scale"] = jnp.sum(layer.rows * layer.grads, axis=1)
+  if layer.info.leaf("bias") is not None:
+    out["bias"] = jnp.sum(layer.grads, axis=1)
+  return out
+
+
+def _check_layer(layer: LayerTape) -> None:
+  """The tape's invariant: rows and gradients agree on the batch and the positions."""
+  chex.assert_rank(layer.grads, 3)
+  chex.assert_rank(layer.rows, 2 if layer.info.kind == EMBED else 3)
+  chex.assert_equal_shape_prefix((layer.rows, layer.grads), 2)
+
+
+def sq_norms(layer: LayerTape) -> jax.Array:
+  """Each sample's squared gradient norm (B,) over all of the layer's parameters."""
+  _check_layer(layer)
+  kind = layer.info.kind
+  if kind == NORM:
+    return sum(jnp.sum(jnp.square(g), axis=-1) for g in _norm_grads(layer).values())
+  if kind == EMBED:
+    return _embed_sq_norms(layer.rows, layer.grads)
+  total = _dense_kernel_sq_norms(layer.rows, layer.grads)
+  if layer.info.leaf("bias") is not None:
+    total = total + jnp.sum(jnp.square(jnp.sum(layer.grads, axis=1)), axis=-1)
+  return total
+
+
+def dots(layer: LayerTape, reference: dict[str, jax.Array]) -> jax.Array:
+  """Each sample's gradient dotted with a reference gradient of the layer's parameters (role -> array), (B,)."""
+  _check_layer(layer)
+  kind = layer.info.kind
+  if kind == NORM:
+    return sum(g @ reference[role].reshape(-1) for role, g in _norm_grads(layer).items())
+  if kind == EMBED:
+    return jnp.sum(reference["embedding"][layer.rows] * layer.grads, axis=(1, 2))
+  kernel = reference["kernel"].reshape(layer.rows.shape[-1], -1)  # (in, out)
+  total = jnp.sum((layer.rows @ kernel) * layer.grads, axis=(1, 2))
+  if layer.info.leaf("bias") is not None:
+    total = total + jnp.sum(layer.grads, axis=1) @ reference["bias"].reshape(-1)
+  return total
+
+
+def layer_grads(layer: LayerTape, shapes: dict[str, tuple[int, ...]]) -> dict[str, jax.Array]:
+  """Each sample's full gradient of every parameter of the layer (role -> (B, *shape)): for checks, not hot paths."""
+  kind, batch = layer.info.kind, layer.rows.shape[0]
+  if kind == NORM:
+    grads = _norm_grads(layer)
+  elif kind == EMBED:
+    onehot = jax.nn.one_hot(layer.rows, shapes["embedding"][0], dtype=layer.grads.dtype)  # (B, T, V)
+    grads = {"embedding": jnp.einsum("btv,btd->bvd", onehot, layer.grads)}
+  else:
+    grads = {"kernel": jnp.einsum("bti,bto->bio", layer.rows, layer.grads)}
+    if layer.info.leaf("bias") is not None:
+      grads["bias"] = jnp.sum(layer.grads, axis=1)
+  return {role: g.reshape(batch, *shapes[role]) for role, g in grads.items()}
+
+
+def step_factors(layer: LayerTape, scale: jax.Array | float):
+  """Each sample's gradient times `scale`, in factored form with a leading batch axis, for `correction`.
+
+  "dense": (rows (B, T, in), scale * grads (B, T, out)); "embed": (ids (B, T), scale * grads);
+  "norm": the formed per-sample gradients times `scale`, a dict role -> (B, D).
+  """
+  _check_layer(layer)
+  if layer.info.kind == NORM:
+    return {role: scale * g for role, g in _norm_grads(layer).items()}
+  return layer.rows, scale * layer.grads
+
+
+def correction(info: LayerInfo, rows: jax.Array, factors) -> jax.Array:
+  """The change of a layer's output rows (B, T, out) on inputs `rows` when one sample's `factors` are added.
+
+  Layers are linear in their parameters, so stepping the parameters by delta changes the output by the
+  layer applied with delta alone. "dense" picks the cheaper of the low-rank product (x A^T) D and forming
+  delta = A^T D; "embed" adds the step's rows of the ids that occur; "norm" x_hat * d_scale + d_bias.
+  """
+  if info.kind == NORM:
+    out = jnp.zeros_like(rows)
+    if "scale" in factors:
+      out = out + rows * factors["scale"]
+    return out + factors["bias"] if "bias" in factors else out
+  a, d = factors
+  if info.kind == EMBED:
+    return (rows[..., None] == a).astype(d.dtype) @ d  # (B, T, T') @ (T', dim)
+  batch_rows = rows.shape[0] * rows.shape[1]
+  positions, fan_in, fan_out = a.shape[0], a.shape[1], d.shape[1]
+  if batch_rows * positions * (fan_in + fan_out) <= fan_in * fan_out * (positions + batch_rows):
+    out = (rows @ a.T) @ d
+  else:
+    out = rows @ (a.T @ d)
+  if info.leaf("bias") is not None:
+    out = out + jnp.sum(d, axis=0)
+  return out
