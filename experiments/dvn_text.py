@@ -1,6 +1,6 @@
 """DVN on real text classification: AG News, Yelp (binary) and DBpedia, with its ablations.
 
-Command:   metasel run dvn-text            (about 5 minutes on a 2-core CPU)
+Command:   metasel run dvn-text            (about 2 minutes on a 2-core CPU)
 Quick:     metasel run dvn-text --quick    (seconds; used by the tests)
 
 The text setting of "Learning to Value Data: A Meta-Learned Sampler": per dataset 1,000 training and 200

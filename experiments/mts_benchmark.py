@@ -1,6 +1,6 @@
 """MTS benchmark: meta-learned data weights against no selection, L2RW and Meta-Weight-Net.
 
-Command:   metasel run mts-benchmark              (about 6 minutes on a 2-core CPU)
+Command:   metasel run mts-benchmark              (about 4 minutes on a 2-core CPU)
 Quick:     metasel run mts-benchmark --quick      (about 30 seconds, mostly compilation; used by the tests)
 
 Tests the claims of the MTS paper (arXiv 2606.00571): meta-learned data weights suffer from a poor

@@ -63,7 +63,8 @@ def test_dvn_sine_default_run_supports_the_readme(tmp_path):
   assert claims["DVN needs fewer updates than uniform"]["verdict"] == "does not hold"  # ... yet slows training
   sharp, soft = samplers["dvn, T=0.25"]["updates_to_target"], samplers["dvn, T=4"]["updates_to_target"]
   assert sharp["mean"] > soft["mean"]  # the more the DVN drives sampling, the more updates it takes
-  assert claims["softmax steadies the sampled pool"]["verdict"] == "holds"
+  assert samplers["dvn-unnormalised"]["reached_target"] < 5  # without the softmax some seeds never get there
+  assert claims["softmax steadies the sampled pool"]["verdict"] == "no significant difference"  # not established
 
 
 @pytest.mark.slow

@@ -96,7 +96,7 @@ def test_the_ag_news_mixture_loads_with_corrupted_tiers():
 
 @pytest.mark.slow
 def test_default_run_supports_the_readme(tmp_path):
-  """The README's MTS benchmark results, from the full default run (about 6 minutes on 2 cores)."""
+  """The README's MTS benchmark results, from the full default run (about 4 minutes on 2 cores)."""
   summary = MODULE.run(MODULE.get_config(), tmp_path)
   overall = {claim: value["verdict"] for claim, value in summary["overall"].items()}
   assert overall["MTS beats no selection"] == "holds"
