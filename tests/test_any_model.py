@@ -123,3 +123,14 @@ def test_method_weights_of_the_wrong_shape_are_rejected():
 def test_importing_the_methods_does_not_import_the_training_loop():
   code = "import sys, metasel.mts, metasel.dvn; assert 'metasel.train' not in sys.modules, sorted(sys.modules)"
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_module_with_unhashable_attributes_trains_and_shares_its_programs():
+  case = ZOO["linen-mlp"]
+  from metasel import models
+
+  model = models.MLP(hidden=[16, 8], num_outputs=CLASSES)  # a list attribute: the module cannot be hashed
+  assert models.as_model(model) == models.as_model(model)
+  assert models.as_model(model) != models.as_model(models.MLP(hidden=[16, 8], num_outputs=CLASSES))
+  result = train.fit(model, _dataset(case), CONFIG)
+  assert np.isfinite(result.history[-1]["train/loss"])

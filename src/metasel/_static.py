@@ -11,10 +11,10 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["StaticCallable"]
+__all__ = ["ByIdentity", "StaticCallable"]
 
 
-class _Identity:
+class ByIdentity:
   """Stands for a value that has no value equality (an array, a list): equal only to the same object."""
 
   __slots__ = ("value",)
@@ -23,7 +23,7 @@ class _Identity:
     self.value = value
 
   def __eq__(self, other: object) -> bool:
-    return isinstance(other, _Identity) and other.value is self.value
+    return isinstance(other, ByIdentity) and other.value is self.value
 
   def __hash__(self) -> int:
     return id(self.value)
@@ -83,17 +83,17 @@ def _key(value: Any, memo: dict[int, Any]) -> Any:
   if id(value) in memo:
     return memo[id(value)]
   if isinstance(value, (StaticCallable, types.FunctionType, functools.partial, types.MethodType)):
-    memo[id(value)] = _Identity(value)
+    memo[id(value)] = ByIdentity(value)
     memo[id(value)] = _callable_key(value, memo)
     return memo[id(value)]
   if isinstance(value, tuple):
-    memo[id(value)] = _Identity(value)
+    memo[id(value)] = ByIdentity(value)
     memo[id(value)] = (type(value), tuple(_key(v, memo) for v in value))
     return memo[id(value)]
   try:
     hash(value)
   except TypeError:
-    return _Identity(value)
+    return ByIdentity(value)
   return (type(value), value)
 
 

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from metasel._static import ByIdentity
+
 __all__ = ["Model", "ModelLike", "Params", "as_model", "split_outputs", "init", "check_output"]
 
 Params = Any
@@ -72,10 +74,19 @@ def as_model(model: ModelLike, *, init: Callable | None = None) -> Model:
     return _nnx(model)
   if callable(model):
     name = getattr(model, "__name__", type(model).__name__)
-    return Model(_translating_errors(model, name), init, "function", model, name)
+    return Model(_translating_errors(model, name), init, "function", _hashable(model), name)
   raise ValueError(
       f"model must be a flax.linen Module, a flax.nnx Module or a function apply(params, x); got {type(model).__name__}"
   )
+
+
+def _hashable(value: Any) -> Hashable:
+  """`value` itself when it can key a cache, else a key equal only to the same object."""
+  try:
+    hash(value)
+  except TypeError:
+    return ByIdentity(value)
+  return value
 
 
 def _linen(module: nn.Module) -> Model:
@@ -91,7 +102,7 @@ def _linen(module: nn.Module) -> Model:
       raise ValueError(_state_message(name, f"the collection(s) {extra}"))
     return variables.get("params", {})
 
-  return Model(_translating_errors(apply, name), init_params, "linen", module, name)
+  return Model(_translating_errors(apply, name), init_params, "linen", _hashable(module), name)
 
 
 def _nnx(module: nnx.Module) -> Model:
