@@ -27,7 +27,7 @@ from flax import nnx
 
 from metasel._static import ByIdentity
 
-__all__ = ["Model", "ModelLike", "Params", "as_model", "split_outputs", "init", "check_output"]
+__all__ = ["Model", "ModelLike", "Params", "as_model", "split_outputs", "init", "check_params", "check_output"]
 
 Params = Any
 ModelLike = Any  # a Model, a flax.linen.Module, a flax.nnx.Module, or an apply(params, x) function
@@ -190,7 +190,13 @@ def init(model: ModelLike, key: jax.Array, input_shape: tuple[int, ...], dtype=j
         f"model {model.name} is a function without an init; pass its parameters (params=...) or"
         " metasel.models.as_model(apply, init=...)"
     )
-  dummy = jnp.zeros((1, *input_shape), dtype)
-  params = model.init(key, dummy)
-  split_outputs(jax.eval_shape(model.apply, params, dummy), 1)
+  params = model.init(key, jnp.zeros((1, *input_shape), dtype))
+  check_params(model, params, input_shape, dtype)
   return params
+
+
+def check_params(model: ModelLike, params: Params, input_shape: tuple[int, ...], dtype=jnp.float32) -> None:
+  """Raise a clear error, before any compute, when `model` with `params` does not take a batch of samples of
+  shape `input_shape` and return logits or a pair (only shapes are traced)."""
+  model = as_model(model)
+  split_outputs(jax.eval_shape(model.apply, params, jnp.zeros((1, *input_shape), dtype)), 1)

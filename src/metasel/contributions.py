@@ -61,11 +61,7 @@ def contributions(
   if method == "ghost":
     recorded = persample.record(model, params, x, y, loss_fn) if tape is None else tape
     taped = recorded.taped_leaves
-    factors = {
-        layer.info.leaves: ghost.step_factors(layer, -step_size)
-        for layer in recorded.layers
-        if set(layer.info.leaves) <= taped
-    }
+    factors = {layer.info.leaves: ghost.step_factors(layer, -step_size) for layer in recorded.ghost_layers}
   others = tuple(i for i in range(len(leaves)) if i not in taped)
   example_grad = persample.example_grad_fn(model, loss_fn, params, others)
 

@@ -216,8 +216,19 @@ def _fallback_leaves(model: Model, params: Params, taped: frozenset[int]) -> tup
   return other
 
 
-def _tape_for(model, params, x, y, loss_fn, given: tape_lib.Tape | None) -> tape_lib.Tape:
-  return record(model, params, x, y, loss_fn) if given is None else given
+def _per_sample_sum(model, params, x, y, loss_fn, per_layer, reduce, method, chunk_size, given) -> jax.Array:
+  """Sum over parameters of a per-sample quantity (B,): `per_layer(layer)` over the taped layers plus `reduce`
+  of the vmapped gradients of the leaves they leave out (every leaf with method="vmap")."""
+  if method == "vmap":
+    return _vmap_reduce(model, loss_fn, params, x, y, reduce, tuple(range(len(jax.tree.leaves(params)))), chunk_size)
+  recorded = record(model, params, x, y, loss_fn) if given is None else given
+  total = jnp.zeros(x.shape[0], jnp.float32)
+  for layer in recorded.ghost_layers:
+    total = total + per_layer(layer)
+  other = _fallback_leaves(model, params, recorded.taped_leaves)
+  if other:
+    total = total + _vmap_reduce(model, loss_fn, params, x, y, reduce, other, chunk_size)
+  return total
 
 
 def _check_strategy(method: str) -> None:
@@ -254,19 +265,7 @@ def grad_norms(
   _check_strategy(method)
   _check_batch(x, y)
   model = as_model(model)
-  every = tuple(range(len(jax.tree.leaves(params))))
-  if method == "vmap":
-    return jnp.sqrt(_vmap_reduce(model, loss_fn, params, x, y, _tree_sq_norm, every, chunk_size))
-  recorded = _tape_for(model, params, x, y, loss_fn, tape)
-  taped = recorded.taped_leaves
-  sq = jnp.zeros(x.shape[0], jnp.float32)
-  for layer in recorded.layers:
-    if set(layer.info.leaves) <= taped:
-      sq = sq + ghost.sq_norms(layer)
-  other = _fallback_leaves(model, params, taped)
-  if other:
-    sq = sq + _vmap_reduce(model, loss_fn, params, x, y, _tree_sq_norm, other, chunk_size)
-  return jnp.sqrt(sq)
+  return jnp.sqrt(_per_sample_sum(model, params, x, y, loss_fn, ghost.sq_norms, _tree_sq_norm, method, chunk_size, tape))
 
 
 def grad_dots(
@@ -298,19 +297,10 @@ def grad_dots(
   def dot_with_ref(grads):
     return sum(jnp.vdot(g, ref_leaves[i]) for i, g in grads.items())
 
-  every = tuple(range(len(ref_leaves)))
-  if method == "vmap":
-    return _vmap_reduce(model, loss_fn, params, x, y, dot_with_ref, every, chunk_size)
-  recorded = _tape_for(model, params, x, y, loss_fn, tape)
-  taped = recorded.taped_leaves
-  total = jnp.zeros(x.shape[0], jnp.float32)
-  for layer in recorded.layers:
-    if set(layer.info.leaves) <= taped:
-      total = total + ghost.dots(layer, {role: ref_leaves[i] for role, i in layer.info.roles})
-  other = _fallback_leaves(model, params, taped)
-  if other:
-    total = total + _vmap_reduce(model, loss_fn, params, x, y, dot_with_ref, other, chunk_size)
-  return total
+  def layer_dots(layer):
+    return ghost.dots(layer, {role: ref_leaves[i] for role, i in layer.info.roles})
+
+  return _per_sample_sum(model, params, x, y, loss_fn, layer_dots, dot_with_ref, method, chunk_size, tape)
 
 
 # ----------------------------------------------------------------------------------------------------

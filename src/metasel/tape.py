@@ -91,6 +91,12 @@ class Tape:
     shared = {i for s in self.skipped for i in s.leaves}
     return frozenset(i for layer in self.layers for i in layer.info.leaves if i not in shared)
 
+  @property
+  def ghost_layers(self) -> tuple[LayerTape, ...]:
+    """The layers whose every parameter leaf is taped: the ones the ghost algebra may use."""
+    taped = self.taped_leaves
+    return tuple(layer for layer in self.layers if set(layer.info.leaves) <= taped)
+
 
 # ----------------------------------------------------------------------------------------------------
 # Layer handlers: how each supported layer class is read.
@@ -203,6 +209,7 @@ class Handler:
   kind: str
   roles: tuple[str, ...]
   prepare: Callable[[Any, jax.Array], tuple[Callable[[jax.Array], jax.Array] | None, str | None]]
+  dense: bool = False  # a dense layer, whose input is the embedding of a model that returns logits only
 
 
 def _dense_prepare(module, x):
@@ -242,8 +249,8 @@ def _norm_prepare(centred: bool):
   return prepare
 
 
-_DENSE = Handler(DENSE, ("kernel", "bias"), _dense_prepare)
-_GENERAL = Handler(DENSE, ("kernel", "bias"), _general_prepare)
+_DENSE = Handler(DENSE, ("kernel", "bias"), _dense_prepare, dense=True)
+_GENERAL = Handler(DENSE, ("kernel", "bias"), _general_prepare, dense=True)
 _CONV = Handler(DENSE, ("kernel", "bias"), _conv_prepare)
 _EMBED = Handler(EMBED, ("embedding",), _embed_prepare)
 _LAYER_NORM = Handler(NORM, ("scale", "bias"), _norm_prepare(True))
@@ -288,7 +295,7 @@ class _Recorder:
   def visit(self, handler: Handler, module, layer_type: str, name: str, params: dict, call: Callable, x, kwargs) -> jax.Array:
     """Run the layer's own `call(x)` and tape it; or note why it cannot be taped and leave the output alone."""
     y = call(x)
-    if layer_type in ("Dense", "DenseGeneral", "nnx.Linear", "nnx.LinearGeneral") and current_trace() == self.trace:
+    if handler.dense and current_trace() == self.trace:
       self.last_dense_input = x
     roles = tuple((role, self.leaf_index.get(id(params[role]))) for role in handler.roles if params.get(role) is not None)
     rows_fn, reason = handler.prepare(module, x)

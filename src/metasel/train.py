@@ -322,8 +322,7 @@ def _initial_state(model: Model, dataset: Dataset, config: TrainConfig, method: 
   if params is None:
     params = adapters.init(model, init_key, dataset.input_shape, dataset.train.x.dtype)
   else:
-    dummy = jnp.zeros((1, *dataset.input_shape), dataset.train.x.dtype)
-    adapters.split_outputs(jax.eval_shape(model.apply, params, dummy), 1)
+    adapters.check_params(model, params, dataset.input_shape, dataset.train.x.dtype)
   num_train = len(dataset.train)
   state = LoopState(
       params=params,
