@@ -43,8 +43,10 @@ class StepContext(NamedTuple):
   """What a method may look at in one step: the model params, the batch, a clean validation batch, a key.
 
   The loop also fills in its own forward pass on the batch at `params` (per-sample `losses` (B,),
-  `outputs` (B, O) and `embeddings` (B, D)), so methods need not run the model again for them, and the
-  whole training pool (`train_x` (N, ...), `train_y` (N,)) for methods that score or probe it.
+  `outputs` (B, O) and `embeddings` (B, D)), so methods need not run the model again for them, the
+  whole training pool (`train_x` (N, ...), `train_y` (N,)) for methods that score or probe it, and the
+  batch's `tape` at `params` (every taped layer's input rows and per-sample loss-to-output gradients),
+  which costs nothing beyond the forward pass unless a method reads its gradients.
   """
 
   params: Any
@@ -57,6 +59,7 @@ class StepContext(NamedTuple):
   embeddings: jax.Array | None = None
   train_x: jax.Array | None = None
   train_y: jax.Array | None = None
+  tape: Tape | None = None
 
 
 class StepResult(NamedTuple):

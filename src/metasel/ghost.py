@@ -23,7 +23,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-__all__ = ["LayerInfo", "LayerTape", "sq_norms", "dots", "step_factors", "correction", "layer_grads"]
+__all__ = [
+    "LayerInfo", "LayerTape", "sq_norms", "dots", "cross_dots", "summed_grads", "step_factors", "correction",
+    "layer_grads",
+]
 
 DENSE, EMBED, NORM = "dense", "embed", "norm"
 
@@ -140,6 +143,64 @@ def dots(layer: LayerTape, reference: dict[str, jax.Array]) -> jax.Array:
   if layer.info.leaf("bias") is not None:
     total = total + jnp.sum(layer.grads, axis=1) @ reference["bias"].reshape(-1)
   return total
+
+
+def _dense_cross(a: jax.Array, d: jax.Array, a2: jax.Array, d2: jax.Array) -> jax.Array:
+  """<sum_t a_t d_t^T, sum_s a'_s d'_s^T> for every pair (B, C), by the cheaper of the Gram and formed forms."""
+  (batch, positions, fan_in), fan_out = a.shape, d.shape[2]
+  other, other_positions = a2.shape[0], a2.shape[1]
+  if positions == 1 and other_positions == 1:
+    return (a[:, 0] @ a2[:, 0].T) * (d[:, 0] @ d2[:, 0].T)
+  gram = batch * other * positions * other_positions * (fan_in + fan_out)
+  formed = (batch * positions + other * other_positions + batch * other) * fan_in * fan_out
+  if gram <= formed:
+    return jnp.einsum("bcts,bcts->bc", jnp.einsum("bti,csi->bcts", a, a2), jnp.einsum("bto,cso->bcts", d, d2))
+  g, g2 = jnp.einsum("bti,bto->bio", a, d), jnp.einsum("bti,bto->bio", a2, d2)
+  return g.reshape(batch, -1) @ g2.reshape(other, -1).T
+
+
+def _embed_cross(ids: jax.Array, d: jax.Array, ids2: jax.Array, d2: jax.Array) -> jax.Array:
+  """Table-gradient dot products (B, C): sum over position pairs with equal ids of <d_t, d'_s>."""
+  same = ids[:, None, :, None] == ids2[None, :, None, :]  # (B, C, T, S)
+  return jnp.sum(jnp.where(same, jnp.einsum("btd,csd->bcts", d, d2), 0.0), axis=(2, 3))
+
+
+def cross_dots(layer: LayerTape, other: LayerTape) -> jax.Array:
+  """Dot products (B, C) of every sample's gradient in `layer` with every sample's gradient in `other`.
+
+  Both are tapes of the same layer (e.g. of a training and a validation batch); nothing of size
+  (B x P) is formed unless forming the per-sample layer gradients is the cheaper way.
+  """
+  _check_layer(layer)
+  _check_layer(other)
+  if layer.info != other.info:
+    raise ValueError(f"cross_dots needs two tapes of one layer, got {layer.info.name} and {other.info.name}")
+  kind = layer.info.kind
+  if kind == NORM:
+    mine, theirs = _norm_grads(layer), _norm_grads(other)
+    return sum(mine[role] @ theirs[role].T for role in mine)
+  if kind == EMBED:
+    return _embed_cross(layer.rows, layer.grads, other.rows, other.grads)
+  total = _dense_cross(layer.rows, layer.grads, other.rows, other.grads)
+  if layer.info.leaf("bias") is not None:
+    total = total + jnp.sum(layer.grads, axis=1) @ jnp.sum(other.grads, axis=1).T
+  return total
+
+
+def summed_grads(layer: LayerTape, shapes: dict[str, tuple[int, ...]]) -> dict[str, jax.Array]:
+  """The layer's gradient summed over the batch (role -> array of the parameter's shape), from the tape."""
+  _check_layer(layer)
+  kind = layer.info.kind
+  if kind == NORM:
+    grads = {role: jnp.sum(g, axis=0) for role, g in _norm_grads(layer).items()}
+  elif kind == EMBED:
+    table = jnp.zeros((shapes["embedding"][0], layer.grads.shape[-1]), layer.grads.dtype)
+    grads = {"embedding": table.at[layer.rows.reshape(-1)].add(layer.grads.reshape(-1, layer.grads.shape[-1]))}
+  else:
+    grads = {"kernel": jnp.einsum("bti,bto->io", layer.rows, layer.grads)}
+    if layer.info.leaf("bias") is not None:
+      grads["bias"] = jnp.sum(layer.grads, axis=(0, 1))
+  return {role: g.reshape(shapes[role]) for role, g in grads.items()}
 
 
 def layer_grads(layer: LayerTape, shapes: dict[str, tuple[int, ...]]) -> dict[str, jax.Array]:

@@ -197,9 +197,11 @@ def make_epoch(
     # perturbations make the same backward pass yield every taped layer's output gradients.
     perturbations = tape.zero_perturbations(model, state.params, batch.x)
     per_sample, pullback, fwd = jax.vjp(forward, state.params, perturbations, has_aux=True)
+    # Unit-weight output gradients: compiled away unless the method reads them.
+    batch_tape = tape.assemble(fwd, pullback(jnp.ones_like(per_sample))[1], per_sample)
     ctx = core.StepContext(
         state.params, batch, val_x[val_rows], val_y[val_rows], method_key, per_sample, fwd.outputs,
-        fwd.embeddings, train_x, train_y,
+        fwd.embeddings, train_x, train_y, batch_tape,
     )
     weights, carry, weight_metrics = method.weights(state.method_state, ctx)
     _check_weights(weights, batch_indices.shape[0], method)
@@ -391,7 +393,9 @@ def fit(
   data = tuple(
       jnp.asarray(a) for a in (dataset.train.x, dataset.train.y, dataset.val.x, dataset.val.y, dataset.train.groups)
   )
-  epoch_fn = _compiled_epoch(model, loss_fn, tx.update, method, config.val_batch_size, config.track_dynamics)
+  # The epoch never calls `init`, so methods that differ only in their initial state share it.
+  stepper = method._replace(init=None)
+  epoch_fn = _compiled_epoch(model, loss_fn, tx.update, stepper, config.val_batch_size, config.track_dynamics)
   eval_fn = _compiled_evaluate(model, loss_fn)
   splits = {name: (jnp.asarray(getattr(dataset, name).x), jnp.asarray(getattr(dataset, name).y)) for name in ("val", "test")}
 

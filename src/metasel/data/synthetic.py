@@ -449,25 +449,35 @@ def _translate(images: np.ndarray, steps: np.ndarray) -> np.ndarray:
 LABEL_NOISE_TIERS = ("clean", "label_flip")
 
 
-def label_noise(dataset: Dataset, fraction: float, *, seed: int = 0) -> Dataset:
+LABEL_NOISE_KINDS = ("symmetric", "cyclic")
+
+
+def label_noise(dataset: Dataset, fraction: float, *, seed: int = 0, kind: str = "symmetric", offset: int = 1) -> Dataset:
   """`dataset` with the labels of `fraction` of its training samples flipped to another class.
 
-  Exactly round(fraction * N) training samples, drawn at random, get a class drawn uniformly from the
-  others; they are marked with tier "label_flip". Validation and test splits are left clean.
+  Exactly round(fraction * N) training samples, drawn at random, are flipped: with kind "symmetric" to a
+  class drawn uniformly from the others, with kind "cyclic" to (y + offset) mod C (the systematic noise
+  of layer-aware influence's experiments). They are marked with tier "label_flip". Validation and test
+  splits are left clean.
   """
   if dataset.task != "classification":
     raise ValueError(f"label_noise flips class labels; {dataset.name!r} is a regression dataset")
   checks.check_float("fraction", fraction, maximum=1.0)
   checks.check_seed(seed)
+  checks.check_choice("kind", kind, LABEL_NOISE_KINDS)
+  classes = dataset.num_classes
+  checks.check_int("offset", offset, minimum=1, maximum=max(classes - 1, 1))
   if np.any(dataset.train.tier != CLEAN_TIER):
     raise ValueError(f"{dataset.name!r} already has corrupt training samples; expected a clean dataset to corrupt")
   rng = np.random.default_rng(seed)
   train = dataset.train
   flipped = rng.permutation(len(train))[: int(round(fraction * len(train)))]
   y = train.y.copy()
-  y[flipped] = (y[flipped] + rng.integers(1, dataset.num_classes, flipped.size)) % dataset.num_classes
+  shift = rng.integers(1, classes, flipped.size) if kind == "symmetric" else offset
+  y[flipped] = (y[flipped] + shift) % classes
   tier = np.zeros(len(train), np.int32)
   tier[flipped] = LABEL_NOISE_TIERS.index("label_flip")
   noisy = dataclasses.replace(train, y=y.astype(train.y.dtype), tier=tier)
-  return dataclasses.replace(dataset, name=f"{dataset.name} ({fraction:.0%} labels flipped)", train=noisy,
+  described = "flipped" if kind == "symmetric" else f"shifted by {offset}"
+  return dataclasses.replace(dataset, name=f"{dataset.name} ({fraction:.0%} labels {described})", train=noisy,
                              tier_names=LABEL_NOISE_TIERS)

@@ -1,0 +1,216 @@
+"""Online batch selection as `core.Method`s: a rule keeps some of each batch, the step trains on those equally.
+
+Every method here is one rule on top of one shared mechanism (`selection`), so any scorer works with any
+rule that takes one:
+
+* `sign_drop(scorer)`: keep samples of influence >= 0 (layer-aware influence's rule);
+* `top_k(scorer, k)`: keep the k highest of a larger candidate batch;
+* `greats(scorer, k, step_size)`: GREATS's greedy pick of k with train-train interactions;
+* `self_paced(model, loss_fn)`: keep samples whose loss is at most the median validation loss (SPL);
+* `random_drop(rate)`: drop each sample with probability `rate`, the control for training on fewer samples;
+* `oracle(drop)`: drop exactly the pool samples marked in `drop` (e.g. the flipped labels).
+
+The mechanism trains uniformly before `start_step`, when the scores are not finite (counted in
+`nan_skips` and logged, the state otherwise untouched) and when a rule keeps nothing (`empty_steps`); and
+it counts, per pool sample, how often it was seen by a selecting step and how often dropped, so that
+`drop_quality` can score the dropped samples against known corruption.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metasel import checks, core, influence, persample
+from metasel.adapters import ModelLike, as_model
+
+__all__ = [
+    "SelectionState", "Rule", "selection", "sign_drop", "top_k", "greats", "self_paced", "random_drop", "oracle",
+    "drop_quality",
+]
+
+# `(rule_state, ctx) -> (keep (B,) bool, scores (B,))`: which samples to keep, and the scores behind it.
+Rule = Callable[[Any, core.StepContext], tuple[jax.Array, jax.Array]]
+
+
+class SelectionState(NamedTuple):
+  """Counts of a selection method: per pool sample (N,) and per run, plus the rule's own state."""
+
+  seen: jax.Array  # (N,) int32: times in the batch of a selecting step
+  dropped: jax.Array  # (N,) int32: times dropped by one
+  nan_skips: jax.Array  # () int32: steps trained uniformly because the scores were not finite
+  empty_steps: jax.Array  # () int32: steps trained uniformly because the rule kept nothing
+  step: jax.Array  # () int32
+  rule: Any = ()
+
+
+def selection(
+    rule: Rule,
+    *,
+    name: str,
+    start_step: int = 0,
+    rule_init: Callable[[int], Any] = lambda num_train: (),
+) -> core.Method:
+  """A `core.Method` that trains each step on the batch samples `rule` keeps, weighted equally.
+
+  Args:
+    rule: `(rule_state, ctx) -> (keep (B,) bool, scores (B,))`; its scores are checked for NaN and
+      reported (share below zero).
+    name: label for logs.
+    start_step: steps before this one train on the whole batch without scoring it (e.g. one epoch).
+    rule_init: `num_train -> rule_state`, kept unchanged in `SelectionState.rule`.
+  """
+  checks.check_int("start_step", start_step, minimum=0)
+
+  def init(key, num_train):
+    zeros = jnp.zeros(num_train, jnp.int32)
+    return SelectionState(zeros, zeros, jnp.int32(0), jnp.int32(0), jnp.int32(0), rule_init(num_train))
+
+  def weights(state, ctx):
+    size = ctx.batch.y.shape[0]
+    active = state.step >= start_step
+    keep, scores = jax.lax.cond(
+        active, lambda: rule(state.rule, ctx), lambda: (jnp.ones(size, bool), jnp.zeros(size, jnp.float32))
+    )
+    finite = jnp.all(jnp.isfinite(scores))
+    selecting = active & finite & jnp.any(keep)
+    kept = keep.astype(jnp.float32)
+    w = jnp.where(selecting, kept / jnp.maximum(jnp.sum(kept), 1.0), core.uniform_weights(size))
+    metrics = {
+        "drop_rate": jnp.where(selecting, 1.0 - jnp.mean(kept), 0.0),
+        "negative_share": jnp.where(active & finite, jnp.mean(scores < 0), 0.0),
+        "selecting": selecting.astype(jnp.float32),
+    }
+    return w, (keep, selecting, active & ~finite, active & finite & ~jnp.any(keep)), metrics
+
+  def update(state, ctx, result, carry):
+    keep, selecting, not_finite, empty = carry
+    rows = ctx.batch.indices
+    new = SelectionState(
+        state.seen.at[rows].add(selecting.astype(jnp.int32)),
+        state.dropped.at[rows].add((selecting & ~keep).astype(jnp.int32)),
+        state.nan_skips + not_finite.astype(jnp.int32),
+        state.empty_steps + empty.astype(jnp.int32),
+        state.step + 1,
+        state.rule,
+    )
+    return new, {"nan_skips": new.nan_skips, "empty_steps": new.empty_steps}
+
+  return core.Method(init, weights, update, name=name)
+
+
+def _scores(scorer: influence.Scorer, ctx: core.StepContext) -> jax.Array:
+  """The scorer's influence of the batch on the validation batch, from the step's own tape."""
+  return scorer.scores(ctx.params, ctx.batch.x, ctx.batch.y, ctx.val_x, ctx.val_y, tape=ctx.tape)
+
+
+def sign_drop(scorer: influence.Scorer, *, start_step: int = 0) -> core.Method:
+  """Keep the samples whose influence is >= 0, drop the rest (layer-aware influence's rule)."""
+
+  def rule(_, ctx):
+    scores = _scores(scorer, ctx)
+    return scores >= 0, scores
+
+  return selection(rule, name=f"{scorer.name}-sign", start_step=start_step)
+
+
+def _check_k(k: int, size: int, method: str) -> None:
+  checks.check_int("k", k, minimum=1)
+  if k > size:
+    raise ValueError(f"{method} keeps k={k} of each batch, but the candidate batch has only {size} samples;"
+                     f" expected k <= {size} (a batch size of at least k)")
+
+
+def top_k(scorer: influence.Scorer, k: int, *, start_step: int = 0) -> core.Method:
+  """Keep the k samples of highest influence of each (larger) candidate batch."""
+  checks.check_int("k", k, minimum=1)
+
+  def rule(_, ctx):
+    scores = _scores(scorer, ctx)
+    _check_k(k, scores.shape[0], "top_k")
+    chosen = jax.lax.top_k(scores, k)[1]
+    return jnp.zeros(scores.shape[0], bool).at[chosen].set(True), scores
+
+  return selection(rule, name=f"{scorer.name}-top{k}", start_step=start_step)
+
+
+def greats(scorer: influence.Scorer, k: int, step_size: float, *, start_step: int = 0) -> core.Method:
+  """GREATS: keep k of each candidate batch, picked greedily with the scorer's train-train interactions.
+
+  `step_size` is eta in s_i = eta <g_i, g_V> and M_ij = eta^2 <g_i, g_j>, the learning rate of the step.
+  """
+  checks.check_int("k", k, minimum=1)
+  checks.check_positive("step_size", step_size)
+
+  def rule(_, ctx):
+    scores = _scores(scorer, ctx)
+    _check_k(k, scores.shape[0], "greats")
+    pairs = scorer.interactions(ctx.params, ctx.batch.x, ctx.batch.y, tape=ctx.tape)
+    return influence.greats(scores, pairs, k, step_size), scores
+
+  return selection(rule, name=f"greats-{scorer.name}", start_step=start_step)
+
+
+def self_paced(model: ModelLike, loss_fn: persample.LossFn, *, start_step: int = 0) -> core.Method:
+  """Self-paced learning: keep samples whose loss is at most the median loss of the validation batch."""
+  model = as_model(model)
+
+  def rule(_, ctx):
+    threshold = jnp.median(persample.losses(model, ctx.params, ctx.val_x, ctx.val_y, loss_fn))
+    scores = threshold - ctx.losses
+    return scores >= 0, scores
+
+  return selection(rule, name="spl", start_step=start_step)
+
+
+def random_drop(rate: float, *, start_step: int = 0) -> core.Method:
+  """Drop each sample with probability `rate` at random: training on fewer samples, with no information."""
+  checks.check_float("rate", rate, maximum=1.0)
+  if rate >= 1.0:
+    raise ValueError(f"random_drop needs a drop rate below 1 (some samples must be kept), got {rate}")
+
+  def rule(_, ctx):
+    draws = jax.random.uniform(ctx.key, ctx.batch.y.shape)
+    return draws >= rate, jnp.zeros(ctx.batch.y.shape, jnp.float32)
+
+  return selection(rule, name=f"random-drop{rate:.2f}", start_step=start_step)
+
+
+def oracle(drop: np.ndarray, *, start_step: int = 0) -> core.Method:
+  """Drop exactly the pool samples marked True in `drop` (N,), e.g. the training samples whose labels were flipped."""
+  drop = np.asarray(drop)
+  if drop.ndim != 1 or drop.dtype != bool:
+    raise ValueError(f"oracle needs a boolean mask (num_train,) of the samples to drop, got {drop.dtype} of shape {drop.shape}")
+
+  def rule_init(num_train):
+    if num_train != drop.shape[0]:
+      raise ValueError(f"oracle's mask has {drop.shape[0]} entries but the training pool has {num_train} samples")
+    return jnp.asarray(drop)
+
+  def rule(mask, ctx):
+    keep = ~mask[ctx.batch.indices]
+    return keep, keep.astype(jnp.float32) - 0.5
+
+  return selection(rule, name="oracle", start_step=start_step, rule_init=rule_init)
+
+
+def drop_quality(state: SelectionState, corrupt: np.ndarray) -> dict[str, float]:
+  """Precision and recall of the drops against a known corrupt mask (N,), and the overall drop rate.
+
+  Counted over sample visits of selecting steps: precision = corrupt drops / drops; recall = corrupt drops /
+  corrupt visits. NaN where a denominator is zero.
+  """
+  seen, dropped = np.asarray(state.seen, np.float64), np.asarray(state.dropped, np.float64)
+  corrupt = np.asarray(corrupt, bool)
+  if corrupt.shape != seen.shape:
+    raise ValueError(f"corrupt mask has shape {corrupt.shape}; expected one entry per pool sample {seen.shape}")
+  ratio = lambda a, b: float(a / b) if b > 0 else float("nan")  # noqa: E731
+  return {
+      "precision": ratio(dropped[corrupt].sum(), dropped.sum()),
+      "recall": ratio(dropped[corrupt].sum(), seen[corrupt].sum()),
+      "drop_rate": ratio(dropped.sum(), seen.sum()),
+  }
