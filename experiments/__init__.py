@@ -13,6 +13,8 @@ REGISTRY = {
     "dvn-sine": "metasel_experiments.dvn_sine",
     "dvn-text": "metasel_experiments.dvn_text",
     "gsnr-sweep": "metasel_experiments.gsnr_sweep",
+    "influence-selection": "metasel_experiments.influence_selection",
+    "influence-fidelity": "metasel_experiments.influence_fidelity",
     "mts-benchmark": "metasel_experiments.mts_benchmark",
     "signals-report": "metasel_experiments.signals_report",
 }

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conformance import blobs, check_method
 from jax.test_util import check_grads
 
 from metasel import core, data, models, mts, persample, signals, train
@@ -301,15 +302,7 @@ def test_mts_inner_learning_rate_is_traced_state():
 
 
 def _blobs(n=96, seed=0):
-
-  rng = np.random.default_rng(seed)
-  centres = rng.normal(size=(C, D)) * 3
-
-  def split(m):
-    y = rng.integers(0, C, m)
-    return (centres[y] + rng.normal(size=(m, D))).astype(np.float32), y.astype(np.int32)
-
-  return data.from_arrays(split(n), split(32), split(32), num_classes=C)
+  return blobs(n, seed, classes=C, dim=D)
 
 
 MODEL = models.MLP(hidden=(16,), num_outputs=C)
@@ -339,43 +332,13 @@ def _methods():
 METHODS = _methods()
 
 
-def _shapes(tree):
-  return jax.tree.structure(tree), [(np.shape(a), np.asarray(a).dtype) for a in jax.tree.leaves(tree)]
-
-
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_conforms_under_jit(name):
-  method = METHODS[name]
-  dataset = _blobs()
-  config = train.TrainConfig(epochs=2, batch_size=16, val_batch_size=16, optimizer="adam", learning_rate=1e-2)
-  tx = train.make_optimizer(config.optimizer, config.learning_rate)
-  params = models.init(MODEL, jax.random.key(0), dataset.input_shape)
-  groups = jnp.arange(96) % 2
-  data = tuple(jnp.asarray(a) for a in (dataset.train.x, dataset.train.y, dataset.val.x, dataset.val.y)) + (groups,)
-  state = train.LoopState(
-      params, tx.init(params), method.init(jax.random.key(1), 96), signals.tracker_init(96),
-      jnp.zeros((), jnp.int32), jax.random.key(2),
-  )
-  # Weights of one step, under jit: finite, non-negative, summing to one.
-  batch = core.Batch(jnp.arange(16), data[0][:16], data[1][:16], groups[:16])
-  ctx = core.StepContext(params, batch, data[2][:16], data[3][:16], jax.random.key(4))
-  weights, _, metrics = jax.jit(method.weights)(state.method_state, ctx)
-  assert np.all(np.isfinite(weights)) and np.all(np.asarray(weights) >= 0)
-  np.testing.assert_allclose(float(jnp.sum(weights)), 1.0, rtol=1e-5)
-  assert all(np.isfinite(v) for v in jax.tree.leaves(metrics))
-  # Two compiled epochs: finite metrics, and the method state keeps its structure, shapes and dtypes.
-  epoch = jax.jit(train.make_epoch(MODEL, LOSS, tx, method, config.val_batch_size))
-  batches = jnp.arange(96).reshape(6, 16)
-  first, step_metrics = epoch(state, data, batches)
-  second, _ = epoch(first, data, batches)
-  assert _shapes(first.method_state) == _shapes(state.method_state) == _shapes(second.method_state)
-  for key, value in step_metrics.items():
-    assert np.all(np.isfinite(value)), key
-  np.testing.assert_allclose(step_metrics["effective_batch_size"] >= 1, True)
-  if "meta/skipped" in step_metrics:
-    assert int(second.method_state.skipped) == 0
-    assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(state.method_state.params), jax.tree.leaves(second.method_state.params)))
-  assert epoch._cache_size() == 1
+  checked = check_method(METHODS[name], MODEL, LOSS, _blobs(), groups=jnp.arange(96) % 2)
+  if "meta/skipped" in checked.step_metrics:
+    initial, second = checked.initial.method_state, checked.second.method_state
+    assert int(second.skipped) == 0
+    assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(initial.params), jax.tree.leaves(second.params)))
 
 
 def test_online_sensitivity_is_the_closed_form_of_the_loop_step():

@@ -98,7 +98,8 @@ def _matching(layer: LayerTape, others: dict[LayerInfo, LayerTape]) -> LayerTape
 def ghost_pairwise(tape: tape_lib.Tape, other: tape_lib.Tape) -> jax.Array:
   """<grad l_i, grad l_j> (B, C) for every sample i of `tape` and j of `other`, over their fully taped layers."""
   others = {layer.info: layer for layer in other.ghost_layers}
-  return sum(ghost.cross_dots(layer, _matching(layer, others)) for layer in tape.ghost_layers)
+  zeros = jnp.zeros((tape.losses.shape[0], other.losses.shape[0]), jnp.float32)  # (B, C) with no taped layer too
+  return sum((ghost.cross_dots(layer, _matching(layer, others)) for layer in tape.ghost_layers), zeros)
 
 
 def _mean_dots(layer: LayerTape, other: LayerTape, shapes: dict[str, tuple[int, ...]]) -> jax.Array:
@@ -133,12 +134,17 @@ def ghost_influence(tape: tape_lib.Tape, val_tape: tape_lib.Tape, params: Params
 # Layer-aware influence
 
 
-def _pooled(info: LayerInfo, rows: jax.Array) -> jax.Array:
-  """a~ (B, in [+1]): the rows summed over positions, with the bias's input (the position count) appended."""
-  summed = jnp.sum(rows, axis=1)
-  if info.leaf("bias") is None:
-    return summed
-  return jnp.concatenate([summed, jnp.full((rows.shape[0], 1), rows.shape[1], summed.dtype)], axis=1)
+def _pooled(info: LayerInfo, rows: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+  """a~ in two parts: the rows summed over positions (B, in), and the bias's input, the position count
+  (a scalar), or None for a layer without a bias; kept apart so the wide rows are never copied."""
+  return jnp.sum(rows, axis=1), (None if info.leaf("bias") is None else jnp.float32(rows.shape[1]))
+
+
+def _similarity(info: LayerInfo, a: jax.Array, b: jax.Array) -> jax.Array:
+  """<a~_i, a~_j> (B, C) of one layer's rows a (B, T, in) and b (C, S, in)."""
+  (sum_a, count_a), (sum_b, count_b) = _pooled(info, a), _pooled(info, b)
+  products = sum_a @ sum_b.T
+  return products if count_a is None else products + count_a * count_b
 
 
 def _check_pairs(acts: Activations, val_acts: Activations) -> None:
@@ -152,30 +158,40 @@ def _check_pairs(acts: Activations, val_acts: Activations) -> None:
 def lai_pairwise(acts: Activations, g: jax.Array, val_acts: Activations, val_g: jax.Array) -> jax.Array:
   """<g_i, g_j> sum_l <a~_i^l, a~_j^l> (B, C) for every training sample i and validation sample j."""
   _check_pairs(acts, val_acts)
-  similarity = sum(_pooled(info, a) @ _pooled(info, b).T for (info, a), (_, b) in zip(acts, val_acts))
+  similarity = sum(_similarity(info, a, b) for (info, a), (_, b) in zip(acts, val_acts))
   return (g @ val_g.T) * similarity
 
 
-def lai(acts: Activations, g: jax.Array, val_acts: Activations, val_g: jax.Array, *, form: LaiForm = "pairwise") -> jax.Array:
+def _lai_outer(info: LayerInfo, a: jax.Array, g: jax.Array, b: jax.Array, val_g: jax.Array) -> jax.Array:
+  """One layer's g_i^T M a~_i (B,) with M = (1/m) sum_j g_j a~_j^T, the bias column handled apart."""
+  (sum_a, count_a), (sum_b, count_b) = _pooled(info, a), _pooled(info, b)
+  outer = sum_b.T @ val_g / val_g.shape[0]  # (in, O)
+  total = jnp.sum((sum_a @ outer) * g, axis=1)
+  if count_a is None:
+    return total
+  return total + count_a * count_b * (g @ jnp.mean(val_g, axis=0))
+
+
+def lai(acts: Activations, g: jax.Array, val_acts: Activations, val_g: jax.Array, *, form: LaiForm = "outer") -> jax.Array:
   """Layer-aware influence (B,) of each training sample on the validation batch, in one of `LAI_FORMS`.
 
   `acts` / `val_acts` are the selected layers' `activations` (`select_layers`) of the training and
   validation batches, `g` (B, O) / `val_g` (m, O) their `logit_grads`. Pass the training batch as both
-  for self-influence.
+  for self-influence. "outer" (the default) gives the "pairwise" numbers at O(B in O) per layer instead of
+  O(B m in), which is less whenever the outputs O are fewer than the validation batch.
   """
   if form not in LAI_FORMS:
     raise ValueError(f"LAI form must be one of {LAI_FORMS}, got {form!r}")
+  _check_pairs(acts, val_acts)
   if form == "pairwise":
     return jnp.mean(lai_pairwise(acts, g, val_acts, val_g), axis=1)
-  _check_pairs(acts, val_acts)
-  if form == "means":
-    similarity = sum(_pooled(info, a) @ jnp.mean(_pooled(info, b), axis=0) for (info, a), (_, b) in zip(acts, val_acts))
-    return (g @ jnp.mean(val_g, axis=0)) * similarity
-  total = jnp.zeros(g.shape[0], jnp.float32)
+  if form == "outer":
+    return sum(_lai_outer(info, a, g, b, val_g) for (info, a), (_, b) in zip(acts, val_acts))
+  similarity = 0.0
   for (info, a), (_, b) in zip(acts, val_acts):
-    outer = val_g.T @ _pooled(info, b) / val_g.shape[0]  # (O, in [+1])
-    total = total + jnp.sum((g @ outer) * _pooled(info, a), axis=1)
-  return total
+    (sum_a, count_a), (sum_b, count_b) = _pooled(info, a), _pooled(info, b)
+    similarity = similarity + sum_a @ jnp.mean(sum_b, axis=0) + (0.0 if count_a is None else count_a * count_b)
+  return (g @ jnp.mean(val_g, axis=0)) * similarity
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -281,14 +297,14 @@ def lai_scorer(
     loss_fn: persample.LossFn,
     *,
     layers: LayerSet = "all",
-    form: LaiForm = "pairwise",
+    form: LaiForm = "outer",
     reference: Literal["validation", "batch"] = "validation",
 ) -> Scorer:
   """Layer-aware influence on any model: forward passes and logit gradients only, no backward pass.
 
   Args:
     layers: "all" dense layers, "last", or a sequence of layer names (`dense_layer_names`).
-    form: one of `LAI_FORMS`.
+    form: one of `LAI_FORMS` ("outer" and "pairwise" give the same numbers; "outer" is cheaper for few outputs).
     reference: "validation" scores against the validation batch; "batch" is self-influence against the
       training batch itself, for training without a validation set.
   """
@@ -314,5 +330,5 @@ def lai_scorer(
     return lai_pairwise(acts, g, acts, g)
 
   suffix = "" if layers == "all" else f"[{layers if isinstance(layers, str) else ','.join(layers)}]"
-  return Scorer(f"lai{suffix}" + ("" if form == "pairwise" else f"-{form}") + ("-self" if reference == "batch" else ""),
+  return Scorer(f"lai{suffix}" + ("" if form == "outer" else f"-{form}") + ("-self" if reference == "batch" else ""),
                 scores, interactions)

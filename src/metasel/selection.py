@@ -18,6 +18,7 @@ it counts, per pool sample, how often it was seen by a selecting step and how of
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -29,7 +30,7 @@ from metasel import checks, core, influence, persample
 from metasel.adapters import ModelLike, as_model
 
 __all__ = [
-    "SelectionState", "Rule", "selection", "sign_drop", "top_k", "greats", "self_paced", "random_drop", "oracle",
+    "SelectionState", "Rule", "selection", "with_rule_state", "sign_drop", "top_k", "greats", "self_paced", "random_drop", "oracle",
     "drop_quality",
 ]
 
@@ -53,7 +54,7 @@ def selection(
     *,
     name: str,
     start_step: int = 0,
-    rule_init: Callable[[int], Any] = lambda num_train: (),
+    rule_state: Callable[[int], Any] = lambda num_train: (),
 ) -> core.Method:
   """A `core.Method` that trains each step on the batch samples `rule` keeps, weighted equally.
 
@@ -62,13 +63,14 @@ def selection(
       reported (share below zero).
     name: label for logs.
     start_step: steps before this one train on the whole batch without scoring it (e.g. one epoch).
-    rule_init: `num_train -> rule_state`, kept unchanged in `SelectionState.rule`.
+    rule_state: `num_train -> the rule's state`, kept unchanged in `SelectionState.rule` (`with_rule_state`
+      gives a built method another).
   """
   checks.check_int("start_step", start_step, minimum=0)
 
   def init(key, num_train):
     zeros = jnp.zeros(num_train, jnp.int32)
-    return SelectionState(zeros, zeros, jnp.int32(0), jnp.int32(0), jnp.int32(0), rule_init(num_train))
+    return SelectionState(zeros, zeros, jnp.int32(0), jnp.int32(0), jnp.int32(0), rule_state(num_train))
 
   def weights(state, ctx):
     size = ctx.batch.y.shape[0]
@@ -161,41 +163,64 @@ def self_paced(model: ModelLike, loss_fn: persample.LossFn, *, start_step: int =
 
   def rule(_, ctx):
     threshold = jnp.median(persample.losses(model, ctx.params, ctx.val_x, ctx.val_y, loss_fn))
-    scores = threshold - ctx.losses
+    losses = persample.losses(model, ctx.params, ctx.batch.x, ctx.batch.y, loss_fn) if ctx.losses is None else ctx.losses
+    scores = threshold - losses
     return scores >= 0, scores
 
   return selection(rule, name="spl", start_step=start_step)
 
 
+def _random_rule(rate, ctx):
+  draws = jax.random.uniform(ctx.key, ctx.batch.y.shape)
+  return draws >= rate, jnp.zeros(ctx.batch.y.shape, jnp.float32)
+
+
+def _oracle_rule(mask, ctx):
+  keep = ~mask[ctx.batch.indices]
+  return keep, keep.astype(jnp.float32) - 0.5
+
+
+@functools.lru_cache(maxsize=None)
+def _with_state(rule: Rule, name: str, start_step: int) -> core.Method:
+  """One method record per rule, name and start step, so that methods differing only in the rule's initial
+  state (a drop rate, a mask) share their compiled epochs."""
+  return selection(rule, name=name, start_step=start_step)
+
+
+def with_rule_state(method: core.Method, rule_state: Callable[[int], Any]) -> core.Method:
+  """A `selection` method whose state starts with `rule_state(num_train)` as the rule's state; it shares the
+  compiled epochs of `method`, since only `init` differs."""
+  return method._replace(init=lambda key, num_train: method.init(key, num_train)._replace(rule=rule_state(num_train)))
+
+
 def random_drop(rate: float, *, start_step: int = 0) -> core.Method:
-  """Drop each sample with probability `rate` at random: training on fewer samples, with no information."""
+  """Drop each sample with probability `rate` at random: training on fewer samples, with no information.
+
+  The rate lives in the state, so runs at different rates share one compiled epoch.
+  """
   checks.check_float("rate", rate, maximum=1.0)
   if rate >= 1.0:
     raise ValueError(f"random_drop needs a drop rate below 1 (some samples must be kept), got {rate}")
-
-  def rule(_, ctx):
-    draws = jax.random.uniform(ctx.key, ctx.batch.y.shape)
-    return draws >= rate, jnp.zeros(ctx.batch.y.shape, jnp.float32)
-
-  return selection(rule, name=f"random-drop{rate:.2f}", start_step=start_step)
+  checks.check_int("start_step", start_step, minimum=0)
+  return with_rule_state(_with_state(_random_rule, "random-drop", start_step), lambda num_train: jnp.float32(rate))
 
 
 def oracle(drop: np.ndarray, *, start_step: int = 0) -> core.Method:
-  """Drop exactly the pool samples marked True in `drop` (N,), e.g. the training samples whose labels were flipped."""
+  """Drop exactly the pool samples marked True in `drop` (N,), e.g. the training samples whose labels were flipped.
+
+  The mask lives in the state, so oracles of different masks share one compiled epoch.
+  """
   drop = np.asarray(drop)
   if drop.ndim != 1 or drop.dtype != bool:
     raise ValueError(f"oracle needs a boolean mask (num_train,) of the samples to drop, got {drop.dtype} of shape {drop.shape}")
+  checks.check_int("start_step", start_step, minimum=0)
 
-  def rule_init(num_train):
+  def mask(num_train):
     if num_train != drop.shape[0]:
       raise ValueError(f"oracle's mask has {drop.shape[0]} entries but the training pool has {num_train} samples")
     return jnp.asarray(drop)
 
-  def rule(mask, ctx):
-    keep = ~mask[ctx.batch.indices]
-    return keep, keep.astype(jnp.float32) - 0.5
-
-  return selection(rule, name="oracle", start_step=start_step, rule_init=rule_init)
+  return with_rule_state(_with_state(_oracle_rule, "oracle", start_step), mask)
 
 
 def drop_quality(state: SelectionState, corrupt: np.ndarray) -> dict[str, float]:

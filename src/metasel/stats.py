@@ -1,4 +1,4 @@
-"""Summaries across seeds: mean with a Student-t confidence interval, its verdict, and AUC of a score."""
+"""Summaries across seeds: mean with a Student-t confidence interval, its verdict, an equivalence test, and AUC."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from typing import NamedTuple
 import numpy as np
 import scipy.stats
 from sklearn.metrics import roc_auc_score
+from statsmodels.stats.weightstats import DescrStatsW
 
-__all__ = ["Interval", "mean_ci", "verdict", "auc"]
+__all__ = ["Interval", "mean_ci", "verdict", "tost", "auc"]
 
 
 class Interval(NamedTuple):
@@ -50,6 +51,26 @@ def verdict(interval: Interval | dict) -> str:
   if np.isfinite(mean + half) and mean + half < 0:
     return "does not hold"
   return "no significant difference"
+
+
+def tost(differences, margin: float, alpha: float = 0.05) -> dict[str, float | bool]:
+  """Two one-sided t-tests (Lakens 2017) that paired differences lie within (-margin, +margin).
+
+  "No better than" is claimed only when `equivalent`: p = the larger one-sided p-value < alpha, i.e. the
+  (1 - 2 alpha) interval lies inside the bounds. NaN entries are dropped; p is NaN with fewer than 2
+  values, and for constant values 0 or 1 by whether they lie inside the bounds.
+  """
+  if not (isinstance(margin, (int, float)) and margin > 0):
+    raise ValueError(f"the equivalence margin must be a positive number, got {margin!r}")
+  values = np.asarray(differences, np.float64).ravel()
+  values = values[np.isfinite(values)]
+  if values.size < 2:
+    p = float("nan")
+  elif np.all(values == values[0]):
+    p = float(abs(values[0]) >= margin)
+  else:
+    p = float(DescrStatsW(values).ttost_mean(-margin, margin)[0])
+  return {"margin": float(margin), "p": p, "equivalent": bool(np.isfinite(p) and p < alpha)}
 
 
 def auc(scores, positive) -> float:
