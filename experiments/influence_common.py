@@ -27,7 +27,7 @@ SETTINGS = {
         {"n_train": 1000, "n_val": 200, "n_test": 400, "representation": "tokens", "max_length": 48, "vocab_size": 5000},
     ),
 }
-NOISE_KINDS = ("symmetric", "cyclic")
+NOISE_KINDS = data.synthetic.LABEL_NOISE_KINDS
 
 
 def check_settings(names, noise_kind: str) -> None:

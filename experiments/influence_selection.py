@@ -27,7 +27,8 @@ parameters and batch order:
                   interactions, step size = the learning rate
   oracle          drops exactly the samples whose labels were flipped: the headroom
 Every selecting method trains uniformly for the first epoch (start_step = N / B steps) and selects
-from then on. Every run takes the same number of steps, epochs * N / B: the top-k and GREATS runs draw
+from then on; the top-k and GREATS runs take those first N / B steps on their candidate batches of 2B,
+so they warm up on twice as many samples per step as the others. Every run takes the same number of steps, epochs * N / B: the top-k and GREATS runs draw
 candidate batches of 2B and so walk the pool in twice as many (half as long) epochs, and are evaluated
 at the same steps as the others (every second of their epochs).
 

@@ -43,8 +43,6 @@ def test_quick_run_reports_every_time_ratio_and_memory(report):
     assert _positive_finite(row[f"{name}_ms"]), name
   for name in RATIOS:
     assert _positive_finite(row[name]), name
-  assert row["lai_over_plain"] == pytest.approx(row["lai_step_ms"] / row["plain_step_ms"])
-  assert row["explicit_over_ghost"] == pytest.approx(row["explicit_persample_ms"] / row["ghost_influence_score_ms"])
   for name in MEMORY:  # None only on a backend without a compiled-memory analysis
     memory = row[f"{name}_memory_mb"]
     assert memory is None or _positive_finite(memory), name

@@ -212,7 +212,7 @@ def test_nan_scores_train_uniformly_and_count_one_skip():
   weights, metrics, after = _stepper(method)(before, _ctx(scores, ROWS))
   np.testing.assert_allclose(weights, np.full(8, 1 / 8), rtol=1e-6)
   assert float(metrics["selecting"]) == 0.0 and float(metrics["drop_rate"]) == 0.0
-  assert int(metrics["nan_skips"]) == 3
+  assert float(metrics["nan_skipped"]) == 1.0 and float(metrics["empty_selection"]) == 0.0  # this step's share
   _assert_only_changed(before, after, nan_skips=3, step=8)
 
 
@@ -222,7 +222,7 @@ def test_a_rule_that_keeps_nothing_trains_uniformly_and_counts_an_empty_step():
   weights, metrics, after = _stepper(method)(before, _ctx(SCORES, ROWS))
   np.testing.assert_allclose(weights, np.full(8, 1 / 8), rtol=1e-6)
   assert float(metrics["selecting"]) == 0.0 and float(metrics["negative_share"]) == 1.0
-  assert int(metrics["empty_steps"]) == 4
+  assert float(metrics["empty_selection"]) == 1.0 and float(metrics["nan_skipped"]) == 0.0
   _assert_only_changed(before, after, empty_steps=4, step=8)
 
 
@@ -334,3 +334,30 @@ def test_a_validation_batch_of_another_shape_is_refused(scorer):
   ctx = step_context(MODEL, LOSS, params, pool(dataset), np.arange(16), 16, jax.random.key(0))
   with pytest.raises(ValueError, match=r"validation batch has samples of shape \(4,\), the training batch \(5,\)"):
     jax.jit(method.weights)(method.init(jax.random.key(0), 96), ctx._replace(val_x=ctx.val_x[:, :4]))
+
+
+def test_greats_skips_a_step_whose_interactions_are_not_finite():
+  method = selection.greats(_fixed(pairs_of=lambda x: (x @ x.T).at[0, 1].set(jnp.nan)), 4, 0.5)
+  before = _counted_state(method)
+  weights, metrics, after = _stepper(method)(before, _ctx(SCORES, ROWS))
+  np.testing.assert_allclose(weights, np.full(8, 1 / 8), rtol=1e-6)
+  assert float(metrics["nan_skipped"]) == 1.0
+  _assert_only_changed(before, after, nan_skips=3, step=8)
+
+
+def test_greats_picks_k_distinct_samples_even_from_non_finite_scores():
+  scores = jnp.array([1.0, jnp.nan, -jnp.inf, 0.5, -jnp.inf, 2.0])
+  picked = influence.greats(scores, jnp.zeros((6, 6)), np.int64(5), 1.0)
+  assert int(picked.sum()) == 5 and bool(picked[5]) and bool(picked[0]) and bool(picked[3])
+
+
+def test_oracles_and_random_drops_share_one_compiled_epoch():
+  """The mask and the rate live in the state, so new oracles and rates reuse the compiled epoch."""
+  noisy = synthetic.label_noise(blobs(), 0.25, kind="cyclic")
+  config = train.TrainConfig(epochs=1, batch_size=16, val_batch_size=16, track_dynamics=False)
+  flips = noisy.train.tier != 0
+  for make in (lambda i: selection.oracle(np.roll(flips, i)), lambda i: selection.random_drop(0.1 + 0.2 * i)):
+    train._compiled_epoch.cache_clear()
+    for i in range(2):
+      train.fit(MODEL, noisy, config, make(i))
+    assert train._compiled_epoch.cache_info().misses == 1

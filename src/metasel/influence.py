@@ -29,7 +29,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from metasel import ghost, persample
+from metasel import checks, ghost, persample
 from metasel import tape as tape_lib
 from metasel.adapters import ModelLike, as_model
 from metasel.ghost import DENSE, LayerInfo, LayerTape
@@ -56,11 +56,7 @@ def activations(record: tape_lib.Tape | tape_lib.Forward) -> Activations:
   """The dense layers' input rows of a tape or a taped forward pass, calls of a layer joined, in call order."""
   if isinstance(record, tape_lib.Tape):
     return tuple((layer.info, layer.rows) for layer in record.layers if layer.info.kind == DENSE)
-  joined: dict[LayerInfo, list[jax.Array]] = {}
-  for call in record.calls:
-    if call.info.kind == DENSE:
-      joined.setdefault(call.info, []).append(call.rows)
-  return tuple((info, jnp.concatenate(rows, axis=1)) for info, rows in joined.items())
+  return tuple((info, rows) for info, rows in tape_lib.layer_rows(record) if info.kind == DENSE)
 
 
 def dense_layer_names(record: tape_lib.Tape | tape_lib.Forward) -> tuple[str, ...]:
@@ -76,8 +72,10 @@ def select_layers(acts: Activations, layers: LayerSet) -> Activations:
   if isinstance(layers, str) and layers in ("all", "last"):
     return acts if layers == "all" else acts[-1:]
   wanted = (layers,) if isinstance(layers, str) else tuple(layers)
+  if not wanted:
+    raise ValueError(f"the layer set is empty; expected 'all', 'last' or some of the taped dense layers {list(names)}")
   unknown = [name for name in wanted if name not in names]
-  if unknown or not wanted:
+  if unknown:
     raise ValueError(
         f"layer set {list(wanted)} names layers the model does not have ({unknown}); expected 'all', 'last'"
         f" or names of its taped dense layers: {list(names)}"
@@ -105,10 +103,9 @@ def ghost_pairwise(tape: tape_lib.Tape, other: tape_lib.Tape) -> jax.Array:
 def _mean_dots(layer: LayerTape, other: LayerTape, shapes: dict[str, tuple[int, ...]]) -> jax.Array:
   """(1/C) sum_j <grad_i, grad_j> over one layer (B,): pairwise for single-position dense layers, where it
   costs B C (in + out) against (B + C) in out for forming the mean gradient; through that mean otherwise."""
-  batch, positions, fan_in = layer.rows.shape if layer.rows.ndim == 3 else (*layer.rows.shape, 0)
   count = other.rows.shape[0]
-  if layer.info.kind == DENSE and positions == 1 and other.rows.shape[1] == 1:
-    fan_out = layer.grads.shape[-1]
+  if layer.info.kind == DENSE and layer.rows.shape[1] == 1 and other.rows.shape[1] == 1:
+    batch, fan_in, fan_out = layer.rows.shape[0], layer.rows.shape[2], layer.grads.shape[-1]
     if batch * count * (fan_in + fan_out) <= (batch + count) * fan_in * fan_out:
       return jnp.mean(ghost.cross_dots(layer, other), axis=1)
   mean = {role: g / count for role, g in ghost.summed_grads(other, shapes).items()}
@@ -205,14 +202,15 @@ def greats(scores: jax.Array, interactions: jax.Array, k: int, step_size: float 
   M (the first-order loss change the picked sample already provides).
   """
   batch = scores.shape[0]
-  if not isinstance(k, int) or not 1 <= k <= batch:
-    raise ValueError(f"GREATS picks k of the {batch} candidates, so k must be an integer in [1, {batch}]; got {k!r}")
+  checks.check_int("k", k, minimum=1, maximum=batch)
   if jnp.shape(interactions) != (batch, batch):
     raise ValueError(f"interactions must have shape ({batch}, {batch}), got {jnp.shape(interactions)}")
 
+  lowest = jnp.finfo(jnp.float32).min  # below every finite score, above a picked sample's -inf
+
   def pick(_, carry):
     s, picked = carry
-    chosen = jnp.argmax(jnp.where(picked, -jnp.inf, s))
+    chosen = jnp.argmax(jnp.where(picked, -jnp.inf, jnp.nan_to_num(s, nan=lowest, neginf=lowest)))
     return s - step_size * step_size * interactions[chosen], picked.at[chosen].set(True)
 
   _, picked = jax.lax.fori_loop(0, k, pick, (step_size * scores, jnp.zeros(batch, bool)))

@@ -10,8 +10,9 @@ rule that takes one:
 * `random_drop(rate)`: drop each sample with probability `rate`, the control for training on fewer samples;
 * `oracle(drop)`: drop exactly the pool samples marked in `drop` (e.g. the flipped labels).
 
-The mechanism trains uniformly before `start_step`, when the scores are not finite (counted in
-`nan_skips` and logged, the state otherwise untouched) and when a rule keeps nothing (`empty_steps`); and
+The mechanism trains uniformly before `start_step`, when the scores are not finite (counted in the
+state's `nan_skips`, each such step logged as `nan_skipped`, the state otherwise untouched) and when a
+rule keeps nothing (`empty_steps`, logged as `empty_selection`); and
 it counts, per pool sample, how often it was seen by a selecting step and how often dropped, so that
 `drop_quality` can score the dropped samples against known corruption.
 """
@@ -54,7 +55,6 @@ def selection(
     *,
     name: str,
     start_step: int = 0,
-    rule_state: Callable[[int], Any] = lambda num_train: (),
 ) -> core.Method:
   """A `core.Method` that trains each step on the batch samples `rule` keeps, weighted equally.
 
@@ -63,21 +63,24 @@ def selection(
       reported (share below zero).
     name: label for logs.
     start_step: steps before this one train on the whole batch without scoring it (e.g. one epoch).
-    rule_state: `num_train -> the rule's state`, kept unchanged in `SelectionState.rule` (`with_rule_state`
-      gives a built method another).
+
+  The rule's state starts as `()`; `with_rule_state` gives a built method another (a mask, a rate), kept
+  unchanged in `SelectionState.rule`.
   """
   checks.check_int("start_step", start_step, minimum=0)
 
   def init(key, num_train):
     zeros = jnp.zeros(num_train, jnp.int32)
-    return SelectionState(zeros, zeros, jnp.int32(0), jnp.int32(0), jnp.int32(0), rule_state(num_train))
+    return SelectionState(zeros, zeros, jnp.int32(0), jnp.int32(0), jnp.int32(0), ())
 
   def weights(state, ctx):
     size = ctx.batch.y.shape[0]
     active = state.step >= start_step
-    keep, scores = jax.lax.cond(
-        active, lambda: rule(state.rule, ctx), lambda: (jnp.ones(size, bool), jnp.zeros(size, jnp.float32))
-    )
+    def scored():
+      keep, scores = rule(state.rule, ctx)
+      return keep.astype(bool), scores.astype(jnp.float32)
+
+    keep, scores = jax.lax.cond(active, scored, lambda: (jnp.ones(size, bool), jnp.zeros(size, jnp.float32)))
     finite = jnp.all(jnp.isfinite(scores))
     selecting = active & finite & jnp.any(keep)
     kept = keep.astype(jnp.float32)
@@ -100,7 +103,8 @@ def selection(
         state.step + 1,
         state.rule,
     )
-    return new, {"nan_skips": new.nan_skips, "empty_steps": new.empty_steps}
+    # Per-step indicators: their epoch means are the shares of steps skipped; the totals are in the state.
+    return new, {"nan_skipped": not_finite.astype(jnp.float32), "empty_selection": empty.astype(jnp.float32)}
 
   return core.Method(init, weights, update, name=name)
 
@@ -143,7 +147,10 @@ def top_k(scorer: influence.Scorer, k: int, *, start_step: int = 0) -> core.Meth
 def greats(scorer: influence.Scorer, k: int, step_size: float, *, start_step: int = 0) -> core.Method:
   """GREATS: keep k of each candidate batch, picked greedily with the scorer's train-train interactions.
 
-  `step_size` is eta in s_i = eta <g_i, g_V> and M_ij = eta^2 <g_i, g_j>, the learning rate of the step.
+  `step_size` is eta in s_i = eta <g_i, g_V> and M_ij = eta^2 <g_i, g_j>: the step a sample's gradient
+  takes. The loop steps on the mean of the k kept samples, so for SGD at learning rate lr that is lr / k;
+  a larger eta weighs the interactions more. Interactions that are not finite skip the step, as NaN
+  scores do.
   """
   checks.check_int("k", k, minimum=1)
   checks.check_positive("step_size", step_size)
@@ -152,6 +159,7 @@ def greats(scorer: influence.Scorer, k: int, step_size: float, *, start_step: in
     scores = _scores(scorer, ctx)
     _check_k(k, scores.shape[0], "greats")
     pairs = scorer.interactions(ctx.params, ctx.batch.x, ctx.batch.y, tape=ctx.tape)
+    scores = jnp.where(jnp.all(jnp.isfinite(pairs)), scores, jnp.nan)  # a NaN interaction skips the step too
     return influence.greats(scores, pairs, k, step_size), scores
 
   return selection(rule, name=f"greats-{scorer.name}", start_step=start_step)
@@ -181,7 +189,7 @@ def _oracle_rule(mask, ctx):
 
 
 @functools.lru_cache(maxsize=None)
-def _with_state(rule: Rule, name: str, start_step: int) -> core.Method:
+def _shared(rule: Rule, name: str, start_step: int) -> core.Method:
   """One method record per rule, name and start step, so that methods differing only in the rule's initial
   state (a drop rate, a mask) share their compiled epochs."""
   return selection(rule, name=name, start_step=start_step)
@@ -202,7 +210,7 @@ def random_drop(rate: float, *, start_step: int = 0) -> core.Method:
   if rate >= 1.0:
     raise ValueError(f"random_drop needs a drop rate below 1 (some samples must be kept), got {rate}")
   checks.check_int("start_step", start_step, minimum=0)
-  return with_rule_state(_with_state(_random_rule, "random-drop", start_step), lambda num_train: jnp.float32(rate))
+  return with_rule_state(_shared(_random_rule, "random-drop", start_step), lambda num_train: jnp.float32(rate))
 
 
 def oracle(drop: np.ndarray, *, start_step: int = 0) -> core.Method:
@@ -220,7 +228,7 @@ def oracle(drop: np.ndarray, *, start_step: int = 0) -> core.Method:
       raise ValueError(f"oracle's mask has {drop.shape[0]} entries but the training pool has {num_train} samples")
     return jnp.asarray(drop)
 
-  return with_rule_state(_with_state(_oracle_rule, "oracle", start_step), mask)
+  return with_rule_state(_shared(_oracle_rule, "oracle", start_step), mask)
 
 
 def drop_quality(state: SelectionState, corrupt: np.ndarray) -> dict[str, float]:

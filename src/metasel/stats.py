@@ -9,6 +9,8 @@ import scipy.stats
 from sklearn.metrics import roc_auc_score
 from statsmodels.stats.weightstats import DescrStatsW
 
+from metasel import checks
+
 __all__ = ["Interval", "mean_ci", "verdict", "tost", "auc"]
 
 
@@ -60,8 +62,8 @@ def tost(differences, margin: float, alpha: float = 0.05) -> dict[str, float | b
   (1 - 2 alpha) interval lies inside the bounds. NaN entries are dropped; p is NaN with fewer than 2
   values, and for constant values 0 or 1 by whether they lie inside the bounds.
   """
-  if not (isinstance(margin, (int, float)) and margin > 0):
-    raise ValueError(f"the equivalence margin must be a positive number, got {margin!r}")
+  checks.check_positive("margin", margin)
+  checks.check_float("alpha", alpha, maximum=0.5)
   values = np.asarray(differences, np.float64).ravel()
   values = values[np.isfinite(values)]
   if values.size < 2:

@@ -39,7 +39,10 @@ from metasel import ghost
 from metasel.ghost import DENSE, EMBED, NORM, LayerInfo, LayerTape
 from metasel.adapters import Model, split_outputs
 
-__all__ = ["Skipped", "Call", "Forward", "Tape", "forward", "zero_perturbations", "assemble", "hook_nnx"]
+__all__ = [
+    "Skipped", "Call", "Forward", "Tape", "forward", "zero_perturbations", "joined_calls", "layer_rows", "assemble",
+    "hook_nnx",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -437,15 +440,26 @@ def zero_perturbations(model: Model, params, x: jax.Array) -> dict[int, jax.Arra
   return {i: jnp.zeros(call.output.shape, call.output.dtype) for i, call in enumerate(shapes.calls)}
 
 
+def joined_calls(calls: tuple[Call, ...]) -> list[list[int]]:
+  """The call indices of each layer (calls that own the same parameter leaves), in order of first call."""
+  grouped: dict[tuple[int, ...], list[int]] = {}
+  for index, call in enumerate(calls):
+    grouped.setdefault(call.info.leaves, []).append(index)
+  return list(grouped.values())
+
+
+def layer_rows(fwd: Forward) -> tuple[tuple[LayerInfo, jax.Array], ...]:
+  """Each taped layer's input rows (B, T, in), calls of a layer joined along the positions, as in `assemble`."""
+  return tuple(
+      (fwd.calls[group[0]].info, jnp.concatenate([fwd.calls[i].rows for i in group], axis=1))
+      for group in joined_calls(fwd.calls)
+  )
+
+
 def assemble(fwd: Forward, output_grads: dict[int, jax.Array], losses: jax.Array) -> Tape:
   """A `Tape` from a taped forward pass and the gradients of its perturbations, calls of a layer joined."""
-  grouped: dict[tuple[int, ...], list[tuple[Call, jax.Array]]] = {}
-  for index, call in enumerate(fwd.calls):
-    grouped.setdefault(call.info.leaves, []).append((call, output_grads[index]))
   layers = []
-  for parts in grouped.values():
-    info = parts[0][0].info
-    rows = jnp.concatenate([call.rows for call, _ in parts], axis=1)
-    grads = [g.reshape(g.shape[0], call.rows.shape[1], -1) for call, g in parts]  # (B, T, out) each
+  for (info, rows), group in zip(layer_rows(fwd), joined_calls(fwd.calls)):
+    grads = [output_grads[i].reshape(rows.shape[0], fwd.calls[i].rows.shape[1], -1) for i in group]  # (B, T, out)
     layers.append(LayerTape(info, rows, jnp.concatenate(grads, axis=1)))
   return Tape(losses, fwd.outputs, fwd.embeddings, tuple(layers), fwd.skipped)

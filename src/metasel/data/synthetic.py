@@ -466,7 +466,8 @@ def label_noise(dataset: Dataset, fraction: float, *, seed: int = 0, kind: str =
   checks.check_seed(seed)
   checks.check_choice("kind", kind, LABEL_NOISE_KINDS)
   classes = dataset.num_classes
-  checks.check_int("offset", offset, minimum=1, maximum=max(classes - 1, 1))
+  if kind == "cyclic":
+    checks.check_int("offset", offset, minimum=1, maximum=max(classes - 1, 1))
   if np.any(dataset.train.tier != CLEAN_TIER):
     raise ValueError(f"{dataset.name!r} already has corrupt training samples; expected a clean dataset to corrupt")
   rng = np.random.default_rng(seed)
