@@ -6,6 +6,8 @@ import time
 
 import jax
 
+from metasel import runs
+
 
 def time_ms(fn, args, inner: int) -> float:
   """Mean milliseconds per call over `inner` back-to-back calls of a compiled function."""
@@ -17,11 +19,5 @@ def time_ms(fn, args, inner: int) -> float:
 
 
 def compiled_memory(fn, args) -> float | None:
-  """Megabytes a jitted `fn(*args)` needs beyond its arguments (temporaries plus outputs), by XLA's analysis.
-
-  None where the backend gives no analysis.
-  """
-  analysis = fn.lower(*args).compile().memory_analysis()
-  if analysis is None:
-    return None
-  return (analysis.temp_size_in_bytes + analysis.output_size_in_bytes) / 2**20
+  """Megabytes a jitted `fn(*args)` needs beyond its arguments (`metasel.runs.compiled_memory_mb`)."""
+  return runs.compiled_memory_mb(fn.lower(*args).compile())

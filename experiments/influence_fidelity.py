@@ -258,9 +258,7 @@ def time_scorers(programs: Programs, args, calls: int) -> dict[str, dict[str, fl
       start = time.perf_counter()
       jax.block_until_ready(fn(*args))
       times.append(time.perf_counter() - start)
-    analysis = fn.memory_analysis()
-    memory = None if analysis is None else (analysis.temp_size_in_bytes + analysis.output_size_in_bytes) / 2**20
-    out[name] = {"ms": 1e3 * statistics.median(times), "memory_mb": memory}
+    out[name] = {"ms": 1e3 * statistics.median(times), "memory_mb": runs.compiled_memory_mb(fn)}
   return out
 
 

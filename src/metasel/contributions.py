@@ -57,12 +57,11 @@ def contributions(
   base = _mean_loss(model, loss_fn, params, val_x, val_y)
   leaves, treedef = jax.tree.flatten(params)
   factors: dict[tuple[int, ...], Any] = {}
-  taped: frozenset[int] = frozenset()
+  others = tuple(range(len(leaves)))
   if method == "ghost":
     recorded = persample.record(model, params, x, y, loss_fn) if tape is None else tape
-    taped = recorded.taped_leaves
     factors = {layer.info.leaves: ghost.step_factors(layer, -step_size) for layer in recorded.ghost_layers}
-  others = tuple(i for i in range(len(leaves)) if i not in taped)
+    others = persample.fallback_leaves(model, params, recorded)
   example_grad = persample.example_grad_fn(model, loss_fn, params, others)
 
   def one(x_i, y_i, factors_i):

@@ -245,24 +245,11 @@ def _check_val(x: jax.Array, val_x: jax.Array) -> None:
     )
 
 
-def _fallback_grads(model, loss_fn, params, x, y, leaves: tuple[int, ...]) -> jax.Array:
-  """Per-sample gradients (B, P_f) of the parameter leaves numbered `leaves`, flattened and joined, by vmap."""
-  all_leaves = jax.tree.leaves(params)
-  grad_fn = persample.example_grad_fn(model, loss_fn, params, leaves)
-  trainable = tuple(all_leaves[i] for i in leaves)
-  flat = lambda x_i, y_i: jnp.concatenate([g.reshape(-1) for g in grad_fn(trainable, x_i, y_i)])  # noqa: E731
-  return jax.vmap(flat)(x, y)
-
-
-def _untaped(params, recorded: tape_lib.Tape) -> tuple[int, ...]:
-  taped = {i for layer in recorded.ghost_layers for i in layer.info.leaves}
-  return tuple(i for i in range(len(jax.tree.leaves(params))) if i not in taped)
-
-
 def ghost_scorer(model: ModelLike, loss_fn: persample.LossFn) -> Scorer:
   """Exact ghost influence <grad l_i, grad L_V> and interactions <grad l_i, grad l_j> on any model.
 
-  Taped layers by ghost dot products; parameters no layer tapes by `vmap` per-sample gradients.
+  Taped layers by ghost dot products; parameters no layer tapes by `vmap` per-sample gradients (with the
+  same warning as `persample` when they are a sizeable share of the model).
   """
   model = as_model(model)
   record = lambda params, x, y: persample.record(model, params, x, y, loss_fn)  # noqa: E731
@@ -272,18 +259,18 @@ def ghost_scorer(model: ModelLike, loss_fn: persample.LossFn) -> Scorer:
     recorded = record(params, x, y) if tape is None else tape
     val_tape = record(params, val_x, val_y)
     total = ghost_influence(recorded, val_tape, params)
-    other = _untaped(params, recorded)
+    other = persample.fallback_leaves(model, params, recorded)
     if other:
-      val_mean = jnp.mean(_fallback_grads(model, loss_fn, params, val_x, val_y, other), axis=0)
-      total = total + _fallback_grads(model, loss_fn, params, x, y, other) @ val_mean
+      val_mean = jnp.mean(persample.flat_grads(model, params, val_x, val_y, loss_fn, other), axis=0)
+      total = total + persample.flat_grads(model, params, x, y, loss_fn, other) @ val_mean
     return total
 
   def interactions(params, x, y, tape=None):
     recorded = record(params, x, y) if tape is None else tape
     total = ghost_pairwise(recorded, recorded)
-    other = _untaped(params, recorded)
+    other = persample.fallback_leaves(model, params, recorded)
     if other:
-      flat = _fallback_grads(model, loss_fn, params, x, y, other)
+      flat = persample.flat_grads(model, params, x, y, loss_fn, other)
       total = total + flat @ flat.T
     return total
 

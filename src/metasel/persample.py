@@ -49,6 +49,8 @@ __all__ = [
     "coverage",
     "leaf_names",
     "example_grad_fn",
+    "fallback_leaves",
+    "flat_grads",
 ]
 
 Params = Any
@@ -167,7 +169,7 @@ def example_grad_fn(model: ModelLike, loss_fn: LossFn, params: Params, trainable
 
 
 def _vmap_reduce(model, loss_fn, params, x, y, reduce, leaves: tuple[int, ...], chunk_size):
-  """Per-sample `reduce({leaf index: gradient})` (B,) over the parameter leaves numbered `leaves`, chunked."""
+  """Per-sample `reduce({leaf index: gradient})` (B, ...) over the parameter leaves numbered `leaves`, chunked."""
   all_leaves = jax.tree.leaves(params)
   grad_fn = example_grad_fn(model, loss_fn, params, leaves)
   trainable = tuple(all_leaves[i] for i in leaves)
@@ -199,8 +201,13 @@ def grads(
 _WARNED: set = set()
 
 
-def _fallback_leaves(model: Model, params: Params, taped: frozenset[int]) -> tuple[int, ...]:
-  """Leaves the tape does not cover, warning once per model when they are more than a small share."""
+def fallback_leaves(model: ModelLike, params: Params, recorded: tape_lib.Tape) -> tuple[int, ...]:
+  """The parameter leaves no ghost layer of `recorded` covers, which need per-sample gradients by `vmap`.
+
+  Warns once per model when they are more than `FALLBACK_WARNING_SHARE` of the parameter entries.
+  """
+  model = as_model(model)
+  taped = recorded.taped_leaves
   sizes = [int(np.prod(jnp.shape(leaf))) for leaf in jax.tree.leaves(params)]
   other = tuple(i for i in range(len(sizes)) if i not in taped)
   share = sum(sizes[i] for i in other) / max(sum(sizes), 1)
@@ -216,6 +223,12 @@ def _fallback_leaves(model: Model, params: Params, taped: frozenset[int]) -> tup
   return other
 
 
+def flat_grads(model: ModelLike, params: Params, x: jax.Array, y: jax.Array, loss_fn: LossFn, leaves: tuple[int, ...]) -> jax.Array:
+  """Per-sample gradients (B, P_f) of the parameter leaves numbered `leaves`, flattened and joined, by `vmap`."""
+  flatten = lambda grads: jnp.concatenate([grads[i].reshape(-1) for i in leaves])  # noqa: E731
+  return _vmap_reduce(as_model(model), loss_fn, params, x, y, flatten, leaves, None)
+
+
 def _per_sample_sum(model, params, x, y, loss_fn, per_layer, reduce, method, chunk_size, given) -> jax.Array:
   """Sum over parameters of a per-sample quantity (B,): `per_layer(layer)` over the taped layers plus `reduce`
   of the vmapped gradients of the leaves they leave out (every leaf with method="vmap")."""
@@ -225,7 +238,7 @@ def _per_sample_sum(model, params, x, y, loss_fn, per_layer, reduce, method, chu
   total = jnp.zeros(x.shape[0], jnp.float32)
   for layer in recorded.ghost_layers:
     total = total + per_layer(layer)
-  other = _fallback_leaves(model, params, recorded.taped_leaves)
+  other = fallback_leaves(model, params, recorded)
   if other:
     total = total + _vmap_reduce(model, loss_fn, params, x, y, reduce, other, chunk_size)
   return total

@@ -110,3 +110,12 @@ def environment() -> dict[str, str]:
   import jax
 
   return {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind), "jax_version": jax.__version__}
+
+
+def compiled_memory_mb(compiled) -> float | None:
+  """Megabytes a compiled JAX program needs beyond its arguments (temporaries plus outputs), by XLA's own
+  analysis (the CPU backend keeps no allocator statistics); None where the backend gives no analysis."""
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return None
+  return (analysis.temp_size_in_bytes + analysis.output_size_in_bytes) / 2**20

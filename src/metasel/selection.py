@@ -31,8 +31,8 @@ from metasel import checks, core, influence, persample
 from metasel.adapters import ModelLike, as_model
 
 __all__ = [
-    "SelectionState", "Rule", "selection", "with_rule_state", "sign_drop", "top_k", "greats", "self_paced", "random_drop", "oracle",
-    "drop_quality",
+    "SelectionState", "Rule", "selection", "with_rule_state", "sign_drop", "top_k", "greats", "self_paced",
+    "random_drop", "oracle", "drop_quality",
 ]
 
 # `(rule_state, ctx) -> (keep (B,) bool, scores (B,))`: which samples to keep, and the scores behind it.
@@ -76,6 +76,7 @@ def selection(
   def weights(state, ctx):
     size = ctx.batch.y.shape[0]
     active = state.step >= start_step
+
     def scored():
       keep, scores = rule(state.rule, ctx)
       return keep.astype(bool), scores.astype(jnp.float32)
@@ -125,7 +126,7 @@ def sign_drop(scorer: influence.Scorer, *, start_step: int = 0) -> core.Method:
 
 
 def _check_k(k: int, size: int, method: str) -> None:
-  checks.check_int("k", k, minimum=1)
+  """k (checked when the method was built) must fit the candidate batch, whose size is known when traced."""
   if k > size:
     raise ValueError(f"{method} keeps k={k} of each batch, but the candidate batch has only {size} samples;"
                      f" expected k <= {size} (a batch size of at least k)")

@@ -89,16 +89,15 @@ class Tape:
   skipped: tuple[Skipped, ...] = struct.field(pytree_node=False)
 
   @property
-  def taped_leaves(self) -> frozenset[int]:
-    """Leaf indices whose per-sample gradients the tape gives exactly (minus any a skipped use shares)."""
+  def ghost_layers(self) -> tuple[LayerTape, ...]:
+    """The layers none of whose parameter leaves a skipped use shares: the ones the ghost algebra may use."""
     shared = {i for s in self.skipped for i in s.leaves}
-    return frozenset(i for layer in self.layers for i in layer.info.leaves if i not in shared)
+    return tuple(layer for layer in self.layers if shared.isdisjoint(layer.info.leaves))
 
   @property
-  def ghost_layers(self) -> tuple[LayerTape, ...]:
-    """The layers whose every parameter leaf is taped: the ones the ghost algebra may use."""
-    taped = self.taped_leaves
-    return tuple(layer for layer in self.layers if set(layer.info.leaves) <= taped)
+  def taped_leaves(self) -> frozenset[int]:
+    """Leaf indices whose per-sample gradients the tape gives exactly: every leaf of the `ghost_layers`."""
+    return frozenset(i for layer in self.ghost_layers for i in layer.info.leaves)
 
 
 # ----------------------------------------------------------------------------------------------------
