@@ -19,7 +19,10 @@ The headline validation batch is B/4 (the MTS reference code's meta batch of 256
 `*_by_val_batch` gives the ratios at B/2 and B as well. Step times are medians of per-step means over
 interleaved rounds of a compiled `lax.scan` of `--steps` steps; sweep times exclude compilation (the
 compiled runners are timed on their second call, the eager loop after one warm-up batch of each
-size). Ratios divide times taken in this same run.
+size; medians of `--sweep-rounds` interleaved rounds). `gsnr_sweep_vmap_s` and `gsnr_sweep_map_s` force
+each evaluation strategy (`gsnr.evaluation_strategy`); `gsnr_sweep_s` uses the backend's choice.
+`gsnr_sweep_over_jit_loop` is the compiled sweep's time over the jitted loop's. Ratios divide times
+taken in this same run.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ def step_times(model, batch: int, val_batches: tuple[int, ...], steps: int, roun
   return times
 
 
-def sweep_times(model, val_batch: int, num_batches: int) -> dict[str, float]:
+def sweep_times(model, val_batch: int, num_batches: int, rounds: int) -> dict[str, float]:
   """Seconds for the compiled GSNR sweep of the MTS meta-gradient and for a Python loop doing the same."""
   loss_fn = persample.softmax_cross_entropy
   x, y = _data(2048, seed=4)
@@ -109,8 +112,11 @@ def sweep_times(model, val_batch: int, num_batches: int) -> dict[str, float]:
   both = (params, meta_params)
   key = jax.random.key(7)
 
-  def compiled():
-    result = gsnr.sweep(meta_grad, both, (x, y), SWEEP_BATCH_SIZES, num_batches=num_batches, key=key, draw_batch=draw)
+  def compiled(strategy):
+    result = gsnr.sweep(
+        meta_grad, both, (x, y), SWEEP_BATCH_SIZES, num_batches=num_batches, key=key, draw_batch=draw,
+        strategy=strategy,
+    )
     return jax.block_until_ready(result)
 
   def loop(grad_fn, draw_fn):
@@ -124,24 +130,32 @@ def sweep_times(model, val_batch: int, num_batches: int) -> dict[str, float]:
     return result
 
   runners = {
-      "gsnr_sweep_s": lambda: {b: gsnr.as_dict(g) for b, g in compiled().items()},
+      "gsnr_sweep_s": lambda: {b: gsnr.as_dict(g) for b, g in compiled("auto").items()},
+      # Each strategy forced, whatever the backend: one vmap over the M batches, or a lax.map.
+      "gsnr_sweep_vmap_s": lambda: {b: gsnr.as_dict(g) for b, g in compiled("vmap").items()},
+      "gsnr_sweep_map_s": lambda: {b: gsnr.as_dict(g) for b, g in compiled("map").items()},
       # A Python loop over batches, each gradient run op by op as in eager frameworks.
       "gsnr_loop_s": lambda: loop(meta_grad, draw),
       # The same loop calling a jitted per-batch gradient: only the loop itself is left uncompiled.
       "gsnr_jit_loop_s": lambda: loop(jax.jit(meta_grad), jax.jit(draw, static_argnums=2)),
   }
-  timings, results = {}, {}
+  samples, results = {name: [] for name in runners}, {}
   for b in SWEEP_BATCH_SIZES:  # warm the eager loop's per-operation caches, one batch of each size
     meta_grad(both, draw(key, (x, y), b))
   for name, fn in runners.items():
     if name != "gsnr_loop_s":
       fn()  # compile
-    start = time.perf_counter()
-    results[name] = fn()
-    timings[name] = time.perf_counter() - start
+  for _ in range(rounds):  # interleaved rounds; the eager loop, by far the slowest, runs once
+    for name, fn in runners.items():
+      if name == "gsnr_loop_s" and samples[name]:
+        continue
+      start = time.perf_counter()
+      results[name] = fn()
+      samples[name].append(time.perf_counter() - start)
+  timings = {name: statistics.median(times) for name, times in samples.items()}
   agree = max(
       abs(results["gsnr_sweep_s"][b]["aggregate"] - other[b]["aggregate"]) / abs(other[b]["aggregate"])
-      for other in (results["gsnr_loop_s"], results["gsnr_jit_loop_s"])
+      for other in (results["gsnr_loop_s"], results["gsnr_jit_loop_s"], results["gsnr_sweep_vmap_s"])
       for b in SWEEP_BATCH_SIZES
   )
   return {**timings, "gsnr_sweep_vs_loops_max_rel_diff": agree}
@@ -154,11 +168,12 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--num-batches", type=int, default=32)
+  parser.add_argument("--sweep-rounds", type=int, default=3, help="interleaved rounds of the compiled sweeps")
   args = parser.parse_args()
   model = models.MLP((128, 128), num_outputs=NUM_CLASSES)
   val_batches = tuple(sorted({args.val_batch, args.batch // 2, args.batch}))
   steps = step_times(model, args.batch, val_batches, args.steps, args.rounds)
-  sweeps = sweep_times(model, args.val_batch, args.num_batches)
+  sweeps = sweep_times(model, args.val_batch, args.num_batches, args.sweep_rounds)
   plain = steps["plain_step_ms"]
   ratio = lambda name, vb: round(steps[name][vb] / plain[vb], 3)
   report = {
@@ -175,6 +190,10 @@ def main() -> None:
       **{k: round(v, 4) for k, v in sweeps.items()},
       "gsnr_loop_over_compiled": round(sweeps["gsnr_loop_s"] / sweeps["gsnr_sweep_s"], 2),
       "gsnr_jit_loop_over_compiled": round(sweeps["gsnr_jit_loop_s"] / sweeps["gsnr_sweep_s"], 2),
+      "gsnr_sweep_over_jit_loop": round(sweeps["gsnr_sweep_s"] / sweeps["gsnr_jit_loop_s"], 3),
+      "gsnr_sweep_vmap_over_jit_loop": round(sweeps["gsnr_sweep_vmap_s"] / sweeps["gsnr_jit_loop_s"], 3),
+      "gsnr_sweep_map_over_jit_loop": round(sweeps["gsnr_sweep_map_s"] / sweeps["gsnr_jit_loop_s"], 3),
+      "gsnr_strategy": gsnr.evaluation_strategy("auto"),
       **runs.environment(),
   }
   print(json.dumps(report, indent=2))

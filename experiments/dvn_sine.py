@@ -216,32 +216,46 @@ def plot(summary: dict[str, Any], path: Path) -> None:
   runs.save_figure(fig, path)
 
 
+def run_seed(
+    config: Config, name: str, method, model, dataset: data.Dataset, steps_per_epoch: int, seed: int, log
+) -> dict[str, Any]:
+  """One sampler on one seed: its test-loss curve, updates to the target, Spearman per epoch and pool stability."""
+  tagged = lambda record: log({"sampler": name, "seed": seed, **record})
+  result = dvn_common.train_run(model, dataset, dvn_common.train_config(config, seed), method, tagged)
+  ess = result.pool_ess
+  return {
+      "seed": seed,
+      "test_loss": [r["test/loss"] for r in result.history],
+      "updates_to_target": updates_to_target(result.history, config.target_loss),
+      "spearman_by_epoch": dvn_common.by_epoch(result.probes, steps_per_epoch, config.epochs).tolist(),
+      "first_order_spearman": nanmean(result.probes[:, 2]),
+      "pool_ess_cv": float(ess.std() / ess.mean()) if ess.size else float("nan"),
+  }
+
+
 def run(config: Config, out_dir: Path) -> dict[str, Any]:
-  """Train every sampler on every seed, write the run folder and return the summary."""
-  runs.write_json(out_dir / "config.json", config)
-  metrics = runs.MetricsLog(out_dir / "metrics.jsonl")
+  """Train every sampler on every seed (one unit each, skipped when the folder has it finished), write the run
+  folder and return the summary."""
+  _, units = runs.open_run(out_dir, config)
   arms = {name: (name, config.sampler) for name in config.samplers}
   for t in config.temperatures:
     arms[f"dvn, T={t:g}"] = ("dvn", dataclasses.replace(config.sampler, temperature=t))
-  results: dict[str, list[dict]] = {name: [] for name in arms}
+  results: dict[str, list[dict]] = {}
   datasets = {seed: data.load(config.dataset, seed=seed, **config.dataset_options) for seed in config.seeds}
   steps_per_epoch = len(datasets[config.seeds[0]].train) // config.batch_size
   model = models.MLP(config.hidden, num_outputs=1)
   loss_fn = train.loss_fn_for(datasets[config.seeds[0]])
   for name, (kind, settings) in arms.items():
-    method = dvn_common.make_sampler(kind, model, loss_fn, settings)
-    for seed in config.seeds:
-      log = lambda record, name=name, seed=seed: metrics.write({"sampler": name, "seed": seed, **record})
-      result = dvn_common.train_run(model, datasets[seed], dvn_common.train_config(config, seed), method, log)
-      ess = result.pool_ess
-      results[name].append({
-          "seed": seed,
-          "test_loss": [r["test/loss"] for r in result.history],
-          "updates_to_target": updates_to_target(result.history, config.target_loss),
-          "spearman_by_epoch": dvn_common.by_epoch(result.probes, steps_per_epoch, config.epochs).tolist(),
-          "first_order_spearman": nanmean(result.probes[:, 2]),
-          "pool_ess_cv": float(ess.std() / ess.mean()) if ess.size else float("nan"),
-      })
+    method = dvn_common.make_sampler(kind, model, loss_fn, settings)  # one per sampler, so its epoch compiles once
+    results[name] = [
+        units.run(
+            f"{name}/seed={seed}",
+            lambda log, name=name, method=method, seed=seed: run_seed(
+                config, name, method, model, datasets[seed], steps_per_epoch, seed, log
+            ),
+        )
+        for seed in config.seeds
+    ]
   summary = {
       "seeds": list(config.seeds), "target_loss": config.target_loss, "steps_per_epoch": steps_per_epoch,
       **summarise(config, results),

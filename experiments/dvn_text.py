@@ -119,26 +119,36 @@ def check(config: Config) -> None:
     raise ValueError(f"the label-noise ablation compares {NOISE_SAMPLERS}; expected them among samplers")
 
 
-def run_sampler(name, method, model, datasets: dict[int, data.Dataset], config: Config, log, tags: dict) -> list[dict]:
-  """Train `method` on each seed's dataset; per seed the test curves, the DVN's Spearman and pool-probability stats."""
-  rows = []
-  for seed, dataset in datasets.items():
-    result = dvn_common.train_run(
-        model, dataset, dvn_common.train_config(config, seed), method,
-        lambda record, seed=seed: log({**tags, "sampler": name, "seed": seed, **record}),
-    )
-    flipped = dataset.train.tier != data.CLEAN_TIER
-    rows.append({
-        "seed": seed,
-        "test_accuracy": [r["test/accuracy"] for r in result.history],
-        "test_loss": [r["test/loss"] for r in result.history],
-        "spearman": nanmean(result.probes[:, 1]),
-        "first_order_spearman": nanmean(result.probes[:, 2]),
-        "flipped_probability": (
-            float(result.probs[flipped].sum()) if result.probs is not None and flipped.any() else None
-        ),
-    })
-  return rows
+def run_seed(name, method, model, dataset: data.Dataset, seed: int, config: Config, log, tags: dict) -> dict:
+  """Train `method` on one seed's dataset: test curves, the DVN's Spearman and its probability on flipped samples."""
+  result = dvn_common.train_run(
+      model, dataset, dvn_common.train_config(config, seed), method,
+      lambda record: log({**tags, "sampler": name, "seed": seed, **record}),
+  )
+  flipped = dataset.train.tier != data.CLEAN_TIER
+  return {
+      "seed": seed,
+      "test_accuracy": [r["test/accuracy"] for r in result.history],
+      "test_loss": [r["test/loss"] for r in result.history],
+      "spearman": nanmean(result.probes[:, 1]),
+      "first_order_spearman": nanmean(result.probes[:, 2]),
+      "flipped_probability": (
+          float(result.probs[flipped].sum()) if result.probs is not None and flipped.any() else None
+      ),
+  }
+
+
+def run_sampler(
+    units, key: str, name, method, model, datasets: dict[int, data.Dataset], config: Config, tags: dict
+) -> list[dict]:
+  """`run_seed` on each seed's dataset, one unit each (keyed `key/name/seed=S`), in seed order."""
+  return [
+      units.run(
+          f"{key}/{name}/seed={seed}",
+          lambda log, seed=seed, dataset=dataset: run_seed(name, method, model, dataset, seed, config, log, tags),
+      )
+      for seed, dataset in datasets.items()
+  ]
 
 
 def _final(rows: list[dict]) -> np.ndarray:
@@ -258,9 +268,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
 
 def run(config: Config, out_dir: Path) -> dict[str, Any]:
-  """Run every dataset, sampler and seed, then the label-noise ablation; write the run folder."""
-  runs.write_json(out_dir / "config.json", config)
-  metrics = runs.MetricsLog(out_dir / "metrics.jsonl")
+  """Run every dataset, sampler and seed, then the label-noise ablation (one unit per sampler and seed, skipped when
+  the folder has it finished); write the run folder."""
+  _, units = runs.open_run(out_dir, config)
   per_dataset: dict[str, dict[str, list[dict]]] = {}
   plan = dataset_plan(config)
   for spec, options in plan.items():
@@ -270,7 +280,7 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
     per_dataset[spec] = {}
     for name in config.samplers:
       method = dvn_common.make_sampler(name, model, train.loss_fn_for(first), config.sampler)
-      per_dataset[spec][name] = run_sampler(name, method, model, datasets, config, metrics.write, {"dataset": spec})
+      per_dataset[spec][name] = run_sampler(units, spec, name, method, model, datasets, config, {"dataset": spec})
 
   noise_spec = next(iter(plan))
   noise: dict[float, dict[str, list[dict]]] = {}
@@ -283,8 +293,9 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
       noisy = {seed: data.synthetic.label_noise(d, level, seed=seed) for seed, d in clean.items()}
       noise[level] = {
           name: run_sampler(
-              name, dvn_common.make_sampler(name, model, loss_fn, config.sampler), model, noisy, config,
-              metrics.write, {"dataset": noise_spec, "label_noise": level},
+              units, f"{noise_spec}/noise={level:g}", name,
+              dvn_common.make_sampler(name, model, loss_fn, config.sampler), model, noisy, config,
+              {"dataset": noise_spec, "label_noise": level},
           )
           for name in NOISE_SAMPLERS
       }

@@ -397,13 +397,16 @@ def plot_traces(config: Config, per_dataset: dict[str, list[dict[str, Any]]], pa
 
 
 def run(config: Config, out_dir: Path) -> dict[str, Any]:
-  """Run every dataset and seed, write the run folder and return the summary."""
-  runs.write_json(out_dir / "config.json", config)
-  metrics = runs.MetricsLog(out_dir / "metrics.jsonl")
+  """Run every dataset and seed (one unit each, skipped when the folder has it finished), write the run folder and
+  return the summary."""
+  _, units = runs.open_run(out_dir, config)
   per_dataset, summaries = {}, {}
   for spec, options in dataset_plan(config).items():
     problem = Problem(config, data.load(spec, seed=config.seeds[0], **options), options)
-    per_dataset[spec] = [run_seed(config, spec, options, problem, seed, metrics.write) for seed in config.seeds]
+    per_dataset[spec] = [
+        units.run(f"{spec}/seed={seed}", lambda log, seed=seed: run_seed(config, spec, options, problem, seed, log))
+        for seed in config.seeds
+    ]
     summaries[spec] = summarise_dataset(config, per_dataset[spec])
   summary = {"datasets": summaries, "seeds": list(config.seeds)}
   summary["table"] = format_table(config, summaries)

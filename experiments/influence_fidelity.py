@@ -565,40 +565,57 @@ def plot(summary: dict[str, Any], path: Path) -> None:
   runs.save_figure(fig, path)
 
 
+def run_unit(
+    programs: Programs, config: Config, setting: str, kind: str, level: float, seed: int, timed: bool, log
+) -> dict[str, Any]:
+  """One (setting, noise, seed) run: `run_seed` on its dataset, logging each checkpoint, the timings and its seconds."""
+  spec = influence_common.SETTINGS[setting]
+  noise_kind = "symmetric" if kind == "none" else kind
+  dataset = influence_common.load(spec, seed, noise=level, kind=noise_kind, overrides=config.overrides.get(setting))
+  start = time.perf_counter()
+  result = run_seed(programs, dataset, config, seed, timed)
+  tags = {"setting": setting, "noise": influence_common.condition_name(kind, level), "seed": seed}
+  for epoch, c in result["checkpoints"].items():
+    values = {f"{name}/{k}": v for name, m in c["scorers"].items() for k, v in m.items()}
+    log({
+        **tags, "epoch": epoch, "test_accuracy": c["test_accuracy"], "outer_vs_pairwise": c["outer_vs_pairwise"],
+        **values,
+    })
+  if "timing" in result:
+    log({**tags, **{f"timing/{name}/{k}": v for name, t in result["timing"].items() for k, v in t.items()}})
+  log({**tags, "seconds": time.perf_counter() - start})
+  return result
+
+
+def setting_programs(config: Config, setting: str) -> Programs:
+  """A setting's compiled programs, built from its clean first seed (the model depends on the data's shapes only)."""
+  spec, overrides = influence_common.SETTINGS[setting], config.overrides.get(setting)
+  dataset = influence_common.load(spec, config.seeds[0], noise=0.0, kind="symmetric", overrides=overrides)
+  model = influence_common.model_for(spec, dataset, influence_common.hidden_for(config, setting), overrides)
+  return Programs(model, train.loss_fn_for(dataset), config)
+
+
 def run(config: Config, out_dir: Path) -> dict[str, Any]:
-  """Train every setting, noise condition and seed, scoring at each checkpoint; write the run folder."""
-  runs.write_json(out_dir / "config.json", config)
-  metrics = runs.MetricsLog(out_dir / "metrics.jsonl")
+  """Train every setting, noise condition and seed, scoring at each checkpoint (one unit per setting, noise and
+  seed, skipped when the folder has it finished); write the run folder."""
+  _, units = runs.open_run(out_dir, config)
   settings = {}
   for setting in config.settings:
     spec = influence_common.SETTINGS[setting]
-    overrides = config.overrides.get(setting)
-    programs = None
+    programs = setting_programs(config, setting)
     per_condition, timings = {}, []
     for index, (kind, level) in enumerate(conditions(config, setting)):
       cond = influence_common.condition_name(kind, level)
-      seed_runs = []
-      for seed in config.seeds:
-        noise_kind = "symmetric" if kind == "none" else kind
-        dataset = influence_common.load(spec, seed, noise=level, kind=noise_kind, overrides=overrides)
-        if programs is None:
-          model = influence_common.model_for(spec, dataset, influence_common.hidden_for(config, setting), overrides)
-          programs = Programs(model, train.loss_fn_for(dataset), config)
-        start = time.perf_counter()
-        result = run_seed(programs, dataset, config, seed, timed=index == 0)
-        tags = {"setting": setting, "noise": cond, "seed": seed}
-        for epoch, c in result["checkpoints"].items():
-          values = {f"{name}/{k}": v for name, m in c["scorers"].items() for k, v in m.items()}
-          metrics.write({
-              **tags, "epoch": epoch, "test_accuracy": c["test_accuracy"], "outer_vs_pairwise": c["outer_vs_pairwise"],
-              **values,
-          })
-        if "timing" in result:
-          timings.append(result["timing"])
-          values = {f"timing/{name}/{k}": v for name, t in result["timing"].items() for k, v in t.items()}
-          metrics.write({**tags, **values})
-        metrics.write({**tags, "seconds": time.perf_counter() - start})
-        seed_runs.append(result)
+      seed_runs = [
+          units.run(
+              f"{setting}/{cond}/seed={seed}",
+              lambda log, kind=kind, level=level, seed=seed, timed=index == 0: run_unit(
+                  programs, config, setting, kind, level, seed, timed, log
+              ),
+          )
+          for seed in config.seeds
+      ]
+      timings += [r["timing"] for r in seed_runs if "timing" in r]
       per_condition[cond] = summarise_condition(seed_runs, config)
     settings[setting] = {
         "model": f"{spec.model} {'-'.join(map(str, influence_common.hidden_for(config, setting)))}",

@@ -429,11 +429,12 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 # The run
 
 
-def run_setting(config: Config, setting: str, log) -> dict[tuple[str, float], dict[str, list[dict]]]:
+def run_setting(config: Config, setting: str, units) -> dict[tuple[str, float], dict[str, list[dict]]]:
   """Every method, noise and seed of one setting: per noise condition, per method, one row per seed.
 
+  Each run is a unit (keyed `setting/method/kind=level/seed=S`, skipped when the folder has it finished).
   Methods run one at a time over every noise and seed, so each is compiled once per setting;
-  random-drop runs last, at the rate lai-sign reached under each noise.
+  random-drop runs last, at the rate lai-sign reached under each noise (read from lai-sign's rows).
   """
   conds = [c for c in conditions(config) if setting in settings_for(config, c[0])]
   datasets = {c: {seed: load(config, setting, seed, *c) for seed in config.seeds} for c in conds}
@@ -445,15 +446,23 @@ def run_setting(config: Config, setting: str, log) -> dict[tuple[str, float], di
   methods = build_methods(config, model, loss_fn, steps_per_epoch)
   rows: dict[tuple[str, float], dict[str, list[dict]]] = {c: {} for c in conds}
 
+  def run_one(name: str, cond: tuple[str, float], seed: int, method: core.Method, log) -> dict:
+    dataset = datasets[cond][seed]
+    result = train_run(model, dataset, train_config(config, name, seed), method, steps_per_epoch)
+    tags = {"setting": setting, "noise": cond[0], "level": cond[1], "method": name, "seed": seed}
+    for record in result["history"]:
+      log({**tags, **record})
+    return result["row"]
+
   def run_method(name: str, method_for) -> None:
     for cond in conds:
-      rows[cond][name] = []
-      for seed, dataset in datasets[cond].items():
-        result = train_run(model, dataset, train_config(config, name, seed), method_for(cond, dataset), steps_per_epoch)
-        tags = {"setting": setting, "noise": cond[0], "level": cond[1], "method": name, "seed": seed}
-        for record in result["history"]:
-          log({**tags, **record})
-        rows[cond][name].append(result["row"])
+      rows[cond][name] = [
+          units.run(
+              f"{setting}/{name}/{cond[0]}={cond[1]:g}/seed={seed}",
+              lambda log, cond=cond, seed=seed: run_one(name, cond, seed, method_for(cond, datasets[cond][seed]), log),
+          )
+          for seed in config.seeds
+      ]
 
   for name in config.methods:
     if name == "random-drop":
@@ -489,16 +498,21 @@ def pooled_claims(config: Config, per_setting: dict, metric: str) -> dict[str, d
   return out
 
 
+def run_seconds(per_setting: dict) -> dict[str, float]:
+  """Wall time of the runs (kept with each run's unit, so a resumed run reports the same), per setting and in total."""
+  seconds = {}
+  for setting, per_condition in per_setting.items():
+    rows = [r for per_method in per_condition.values() for method_rows in per_method.values() for r in method_rows]
+    seconds[setting] = float(sum(r["seconds"] for r in rows))
+  return {"total": sum(seconds.values()), **seconds}
+
+
 def run(config: Config, out_dir: Path) -> dict[str, Any]:
-  """Run every setting, method, noise and seed; write the run folder."""
-  runs.write_json(out_dir / "config.json", config)
-  metrics = runs.MetricsLog(out_dir / "metrics.jsonl")
-  started = time.perf_counter()
-  per_setting, seconds = {}, {}
-  for setting in config.settings:
-    begun = time.perf_counter()
-    per_setting[setting] = run_setting(config, setting, metrics.write)
-    seconds[setting] = time.perf_counter() - begun
+  """Run every setting, method, noise and seed (one unit per run, skipped when the folder has it finished); write the
+  run folder."""
+  _, units = runs.open_run(out_dir, config)
+  environment = units.run("environment", lambda log: runs.environment())  # where the run started
+  per_setting = {setting: run_setting(config, setting, units) for setting in config.settings}
 
   settings: dict[str, dict] = {}
   for setting, per_condition in per_setting.items():
@@ -519,8 +533,8 @@ def run(config: Config, out_dir: Path) -> dict[str, Any]:
       "margin": config.margin,
       "settings": settings,
       "claims": {metric: pooled_claims(config, per_setting, metric) for metric in METRICS},
-      "seconds": {"total": time.perf_counter() - started, **seconds},
-      "environment": runs.environment(),
+      "seconds": run_seconds(per_setting),
+      "environment": environment,
       "per_seed": {
           setting: {common.condition_name(*c): rows for c, rows in per_condition.items()}
           for setting, per_condition in per_setting.items()

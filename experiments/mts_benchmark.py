@@ -41,6 +41,7 @@ Writes config.json, metrics.jsonl (per-epoch history), summary.json and mts_benc
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -248,37 +249,47 @@ def weight_aucs(scores: np.ndarray, dataset: data.Dataset) -> tuple[float, dict[
 # Runs
 
 
-def run_seed(
-    config: Config, spec: str, model, dataset: data.Dataset, seed: int, log, arms: dict[str, Arm]
-) -> dict[str, dict[str, Any]]:
-  """Train every method on one dataset and seed; returns per-method test accuracy and weight AUCs.
+def run_method(
+    config: Config, spec: str, name: str, arm: Arm, model, dataset: data.Dataset, seed: int, log
+) -> dict[str, Any]:
+  """Train one method on one dataset and seed; its test accuracy, its weight AUCs (learned weightings) and, for
+  uniform, the training-dynamics `table` that mts-features reads."""
 
-  `arms` keeps the methods of this dataset across seeds, so that their compiled epochs are reused; the
-  one that depends on the seed's training dynamics (mts-features) is made anew.
+  def write(record):
+    if "epoch" in record:
+      log({"dataset": spec, "method": name, "seed": seed, **record})
+
+  fit = train.fit(model, dataset, train_config(config, arm.batch_size, seed), arm.method, log=write)
+  final = fit.history[-1]
+  best = max(fit.history, key=lambda record: record["val/accuracy"])
+  result = {
+      "seed": seed, "accuracy": final["test/accuracy"], "val_accuracy": final["val/accuracy"],
+      "accuracy_at_best_val": best["test/accuracy"], "best_val_epoch": best["epoch"],
+  }
+  if name in LEARNED:
+    val = reference_batch(dataset, config.val_batch_size, seed)
+    result["auc"], result["tier_auc"] = weight_aucs(pool_scores(arm, model, dataset, fit, val, seed), dataset)
+  return {"result": result, "table": dynamics_table(fit) if name == "uniform" else None}
+
+
+def run_seed(config: Config, spec: str, model, load_dataset, seed: int, units, arms: dict[str, Arm]) -> dict[str, dict]:
+  """Every method on one dataset and seed, one unit each (keyed `spec/method/seed=S`); per-method results.
+
+  `arms` holds the methods of this dataset, shared by every seed so that their compiled epochs are reused; the
+  one that depends on the seed's training dynamics (mts-features) is made from the uniform unit's table.
+  `load_dataset()` gives the seed's dataset, loaded only when a unit is computed.
   """
-  val = reference_batch(dataset, config.val_batch_size, seed)
   results, table = {}, None
   for name in METHODS:
-    if name == "mts-features" or name not in arms:
-      arms[name] = make_arm(name, config, model, dataset, table)
-    arm = arms[name]
 
-    def write(record, name=name):
-      if "epoch" in record:
-        log({"dataset": spec, "method": name, "seed": seed, **record})
+    def compute(log, name=name, table=table):
+      dataset = load_dataset()
+      arm = make_arm(name, config, model, dataset, table) if name == "mts-features" else arms[name]
+      return run_method(config, spec, name, arm, model, dataset, seed, log)
 
-    fit = train.fit(model, dataset, train_config(config, arm.batch_size, seed), arm.method, log=write)
-    final = fit.history[-1]
-    best = max(fit.history, key=lambda record: record["val/accuracy"])
-    result = {
-        "seed": seed, "accuracy": final["test/accuracy"], "val_accuracy": final["val/accuracy"],
-        "accuracy_at_best_val": best["test/accuracy"], "best_val_epoch": best["epoch"],
-    }
-    if name == "uniform":
-      table = dynamics_table(fit)
-    if name in LEARNED:
-      result["auc"], result["tier_auc"] = weight_aucs(pool_scores(arm, model, dataset, fit, val, seed), dataset)
-    results[name] = result
+    out = units.run(f"{spec}/{name}/seed={seed}", compute)
+    table = out["table"] if name == "uniform" else table
+    results[name] = out["result"]
   return results
 
 
@@ -415,17 +426,18 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
 
 def run(config: Config, out_dir: Path) -> dict[str, Any]:
-  """Run every dataset, seed and method, write the run folder and return the summary."""
-  runs.write_json(out_dir / "config.json", config)
-  metrics = runs.MetricsLog(out_dir / "metrics.jsonl")
+  """Run every dataset, seed and method (one unit each, skipped when the folder has it finished), write the run
+  folder and return the summary."""
+  _, units = runs.open_run(out_dir, config)
   per_seed: dict[str, dict[str, list[dict]]] = {}
   for spec, options in dataset_plan(config).items():
     per_seed[spec] = {name: [] for name in METHODS}
-    arms: dict[str, Arm] = {}
+    first = data.load(spec, seed=config.seeds[0], **options)
+    model = make_model(config.model, first, config.hidden, options)  # equal for every seed
+    arms = {name: make_arm(name, config, model, first, None) for name in METHODS if name != "mts-features"}
     for seed in config.seeds:
-      dataset = data.load(spec, seed=seed, **options)
-      model = make_model(config.model, dataset, config.hidden, options)  # equal for every seed
-      for name, result in run_seed(config, spec, model, dataset, seed, metrics.write, arms).items():
+      load_dataset = functools.cache(lambda seed=seed: data.load(spec, seed=seed, **options))
+      for name, result in run_seed(config, spec, model, load_dataset, seed, units, arms).items():
         per_seed[spec][name].append(result)
   datasets = {spec: summarise_dataset(rows) for spec, rows in per_seed.items()}
   summary = {"seeds": list(config.seeds), "datasets": datasets, "per_seed": per_seed, "paper_gains": PAPER_GAINS}

@@ -18,6 +18,7 @@ from the table, not assumed.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -209,14 +210,24 @@ def plot(summary: dict[str, Any], first: dict[str, Any], path: Path) -> None:
   runs.save_figure(fig, path)
 
 
+def write_signals(path: Path, result: dict[str, Any]) -> None:
+  """A seed's signals and tiers as .npz, written once and atomically (a resumed run keeps a finished seed's file)."""
+  if path.exists() or not runs.writes():
+    return
+  tmp = path.with_name(f".{path.name}.tmp")
+  with tmp.open("wb") as f:
+    np.savez_compressed(f, tier=result["tier"], **result["values"])
+  os.replace(tmp, path)
+
+
 def run(config: Config, out_dir: Path) -> dict[str, Any]:
-  """Run every seed, write the run folder and return the summary."""
-  runs.write_json(out_dir / "config.json", config)
-  metrics = runs.MetricsLog(out_dir / "metrics.jsonl")
+  """Run every seed (one unit each, skipped when the folder has it finished), write the run folder and return the
+  summary."""
+  _, units = runs.open_run(out_dir, config)
   per_seed = []
   for seed in config.seeds:
-    result = run_seed(config, seed, metrics.write)
-    np.savez_compressed(out_dir / f"signals_seed{seed}.npz", tier=result["tier"], **result["values"])
+    result = units.run(f"seed={seed}", lambda log, seed=seed: run_seed(config, seed, log))
+    write_signals(out_dir / f"signals_seed{seed}.npz", result)
     per_seed.append(result)
   summary = summarise(per_seed)
   summary["table"] = format_table(summary, per_seed)

@@ -12,7 +12,7 @@ import pytest
 import sklearn.datasets
 
 from metasel import data
-from metasel.data import readers, sampling, synthetic
+from metasel.data import readers, sampling, synthetic, text
 from metasel_experiments import shared_data
 
 SPLITS = ("train", "val", "test")
@@ -357,6 +357,103 @@ def test_tfds_text_and_image_with_mock_data():
   _assert_disjoint(one_split)
 
 
+class _RecordSource:
+  """A TFDS data source read one record at a time (no `__getitems__`), counting direct record reads."""
+
+  def __init__(self, source, bad_row: int | None = None):
+    self.source, self.bad_row, self.dataset_info = source, bad_row, source.dataset_info
+    self.single_reads = 0
+
+  def __len__(self):
+    return len(self.source)
+
+  def _record(self, i: int):
+    if i == self.bad_row:
+      raise OSError("corrupt record")
+    return self.source[i]
+
+  def __getitem__(self, i):
+    self.single_reads += 1
+    return self._record(i)
+
+
+class _BatchSource(_RecordSource):
+  """`_RecordSource` with a `__getitems__` that logs each batch it is asked for.
+
+  The batch is served record by record from the wrapped source: `tfds.testing.mock_data` sources fail on
+  `__getitems__` themselves.
+  """
+
+  def __init__(self, source, bad_row: int | None = None):
+    super().__init__(source, bad_row)
+    self.batches = []
+
+  def __getitems__(self, keys):
+    self.batches.append(list(keys))
+    return [self._record(i) for i in keys]
+
+
+def _wrap_tfds_sources(monkeypatch, tfds, wrapper, **kwargs) -> list:
+  """Make `tfds.data_source` return `wrapper(source, **kwargs)`; the wrapped sources, in opening order."""
+  opened, data_source = [], tfds.data_source
+
+  def wrapped(*args, **options):
+    opened.append(wrapper(data_source(*args, **options), **kwargs))
+    return opened[-1]
+
+  monkeypatch.setattr(tfds, "data_source", wrapped)
+  return opened
+
+
+def test_tfds_batched_read_matches_record_by_record(monkeypatch):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  options = dict(seed=1, n_train=30, n_val=10, n_test=20)
+  with tfds.testing.mock_data(num_examples=60):
+    plain = data.load("tfds:mnist", **options)
+    monkeypatch.setattr(text, "TFDS_CHUNK_SIZE", 7)  # 60 rows: eight full chunks and a remainder of 4
+    with monkeypatch.context() as patch:
+      batched_sources = _wrap_tfds_sources(patch, tfds, _BatchSource)
+      batched = data.load("tfds:mnist", **options)
+      texts = data.load("tfds:ag_news_subset", seed=0, max_features=64)
+    with monkeypatch.context() as patch:
+      _wrap_tfds_sources(patch, tfds, _RecordSource)  # no `__getitems__`: read one record at a time
+      single = data.load("tfds:mnist", **options)
+      single_texts = data.load("tfds:ag_news_subset", seed=0, max_features=64)
+    monkeypatch.setattr(text, "TFDS_CHUNK_SIZE", 1)
+    unit_chunks = data.load("tfds:mnist", **options)
+  assert all(source.batches for source in batched_sources)  # the batched loads really read in batches
+  _assert_same(batched, single)
+  _assert_same(batched, unit_chunks)
+  _assert_same(batched, plain)
+  _assert_same(texts, single_texts)
+
+
+def test_tfds_reads_whole_chunks_through_getitems(monkeypatch):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  monkeypatch.setattr(text, "TFDS_CHUNK_SIZE", 7)
+  with tfds.testing.mock_data(num_examples=60):
+    sources = _wrap_tfds_sources(monkeypatch, tfds, _BatchSource)
+    ds = data.load("tfds:mnist", seed=0, n_train=30, n_val=10, n_test=20)
+  chunks = [list(range(s, min(s + 7, 60))) for s in range(0, 60, 7)]
+  assert len(sources) == 2  # train (val carved from it) and test, each opened and read once
+  for source in sources:
+    assert source.batches == chunks
+    assert source.single_reads == 0
+  assert [len(getattr(ds, s)) for s in SPLITS] == [30, 10, 20]
+
+
+def test_tfds_unreadable_record_names_split_and_row(monkeypatch):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  monkeypatch.setattr(text, "TFDS_CHUNK_SIZE", 7)
+  with tfds.testing.mock_data(num_examples=60):
+    for wrapper in (_BatchSource, _RecordSource):
+      with monkeypatch.context() as patch, pytest.raises(
+          ValueError, match=r"tfds:mnist: row 17 of split 'train' could not be read.*corrupt record"
+      ):
+        _wrap_tfds_sources(patch, tfds, wrapper, bad_row=17)
+        data.load("tfds:mnist", seed=0)
+
+
 def test_tfds_bad_keys_raise_before_reading():
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=40):
@@ -506,7 +603,7 @@ def test_corrupted_mixture_rejects_bad_input(tmp_path):
     data.load(f"corrupted:csv:{path}", n_real=10, n_synthetic=10, noise=0.5)
   with pytest.raises(ValueError, match=r"n_real=30 leaves none of the 30 clean real train rows"):
     data.load(f"corrupted:csv:{path}", n_real=30, n_synthetic=10, n_train=30)
-  with pytest.raises(ValueError, match="n_real must be an integer >= 1, got None"):
+  with pytest.raises(ValueError, match=r"needs the option n_real .*--set dataset_options.n_real=300"):
     data.load(f"corrupted:csv:{path}", n_synthetic=10)
   with pytest.raises(ValueError, match=r"unknown dataset spec 'cifar'; known specs: .*corrupted:SPEC"):
     data.load("corrupted:cifar", n_real=10, n_synthetic=10)

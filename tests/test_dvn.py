@@ -558,6 +558,55 @@ def test_dvn_table_keeps_pool_and_updates_batch_rows(sine, table_steps, use_tape
   probs = np.asarray(method.probs(state), np.float64)
   np.testing.assert_allclose(probs.sum(), 1.0, atol=1e-5)
   np.testing.assert_allclose(float(metrics["sampler/pool_ess"]), 1.0 / np.sum(probs**2), rtol=1e-4)
+  # The kept distribution is that of the rows' new scores, not of the scores at the last probe.
+  np.testing.assert_allclose(probs, dvn.sampling_probs(state.scores), rtol=1e-6, atol=1e-9)
+  assert np.max(np.abs(probs - np.asarray(dvn.sampling_probs(jnp.asarray(scores))))) > 1e-9
+
+
+def test_dvn_kept_distribution_follows_the_scores_between_probes(sine):
+  method = dvn.dvn(SAMPLER_MODEL, persample.squared_error, period=3, num_samples=8, temperature=0.5)
+  records = []
+  result = train.fit(SAMPLER_MODEL, sine, dataclasses.replace(CONFIG, epochs=1), method, log=records.append)
+  state = result.state.method_state
+  assert int(state.step) % 3 != 0  # the last step did not probe: only its own rows were rescored
+  want = np.asarray(dvn.sampling_probs(state.scores, "softmax", 0.5), np.float64)
+  np.testing.assert_allclose(_pool_probs(method, result), want, rtol=1e-6, atol=1e-9)
+  last = [r for r in records if "epoch" not in r][-1]
+  np.testing.assert_allclose(last["step/sampler/pool_ess"], 1.0 / np.sum(want**2), rtol=1e-4)
+  np.testing.assert_allclose(last["step/sampler/max_prob"], want.max(), rtol=1e-5)
+
+
+def test_table_sampler_normalises_once_per_step_and_scores_the_pool_only_when_due(sine):
+  """Each step scores its own rows and normalises the scores once (the loop draws from the kept
+  distribution); the whole pool is scored only on the steps it is measured or the learner learns."""
+  num_train = len(sine.train)
+  calls = {"normalise": 0, "pool": 0, "rows": 0}
+
+  def counted(name):
+    jax.debug.callback(lambda: calls.__setitem__(name, calls[name] + 1))
+
+  def score(learner, table):
+    counted("pool" if table.shape[0] == num_train else "rows")
+    return table[:, 0]
+
+  def distribution(learner, scores):
+    counted("normalise")
+    return dvn.sampling_probs(scores, "none")
+
+  features = dvn.proxy_features(SAMPLER_MODEL, persample.squared_error, include=("grad_norm",))
+  method = dvn.table_sampler(
+      features, score, distribution, learner_init=lambda key, n: jnp.zeros((), jnp.int32),
+      learn=lambda learner, table, ctx: learner + 1, learn_every=3, refresh_every=5,
+  )
+  config = dataclasses.replace(CONFIG, epochs=1)
+  result = train.fit(SAMPLER_MODEL, sine, config, method)
+  jax.effects_barrier()
+  steps = num_train // config.batch_size  # 8: the pool is measured at 0 and 5, the learner learns at 0, 3 and 6
+  assert calls == {"normalise": 1 + steps, "pool": 4, "rows": steps}  # one normalisation at init
+  assert int(result.state.method_state.learner) == 3
+  np.testing.assert_allclose(
+      _pool_probs(method, result), dvn.sampling_probs(result.state.method_state.scores, "none"), rtol=1e-6
+  )
 
 
 # ----------------------------------------------------------------------------------------------------

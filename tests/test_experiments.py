@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import runpy
 import subprocess
@@ -12,22 +14,50 @@ from pathlib import Path
 import pytest
 
 import metasel_experiments
-from metasel import cli
+from metasel import cli, runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", sorted(metasel_experiments.REGISTRY))
-def test_experiment_quick_run_writes_results(name, tmp_path, capsys):
-  assert cli.main(["run", name, "--quick", "--out", str(tmp_path), "--run-id", "t"]) == 0
-  run_dir = tmp_path / name / "t"
+@pytest.fixture(scope="module", params=sorted(metasel_experiments.REGISTRY))
+def quick_run(request, tmp_path_factory) -> tuple[str, Path, str]:
+  """Each experiment's quick run through the command line: its name, run folder and printed output."""
+  out, printed = tmp_path_factory.mktemp(request.param), io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    assert cli.main(["run", request.param, "--quick", "--out", str(out), "--run-id", "t"]) == 0
+  return request.param, out / request.param / "t", printed.getvalue()
+
+
+def test_experiment_quick_run_writes_results(quick_run):
+  name, run_dir, printed = quick_run
   for filename in ("config.json", "metrics.jsonl", "summary.json"):
     assert (run_dir / filename).stat().st_size > 0
   assert list(run_dir.glob("*.png"))
+  assert list((run_dir / "units").glob("*.pkl"))
   summary = json.loads((run_dir / "summary.json").read_text())
   assert summary["seeds"] == list(metasel_experiments.get(name).get_config(quick=True).seeds)
-  assert "results in" in capsys.readouterr().out
+  assert "results in" in printed
   assert cli.main(["report", str(run_dir)]) == 0
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+  return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_finished_quick_run_resumes_to_the_same_summary_without_computing(quick_run, monkeypatch):
+  """Run again on its finished folder, an experiment takes every unit's stored result and rewrites nothing else."""
+  name, run_dir, _ = quick_run
+  module = metasel_experiments.get(name)
+  before, summary = _files(run_dir), json.loads((run_dir / "summary.json").read_text())
+  store = runs.Units.run
+  refuse = lambda key: lambda log: pytest.fail(f"unit {key!r} was computed again")
+  monkeypatch.setattr(runs.Units, "run", lambda self, key, compute: store(self, key, refuse(key)))
+  again = module.run(module.get_config(quick=True), run_dir)
+  assert json.loads(json.dumps(runs.to_jsonable(again))) == summary
+  after = _files(run_dir)
+  assert after.keys() == before.keys()
+  data_files = lambda files: {path: content for path, content in files.items() if not path.endswith(".png")}
+  assert data_files(after) == data_files(before)  # figures are drawn again from the same summary
 
 
 def test_dvn_text_trains_the_transformer_on_token_ids(tmp_path):

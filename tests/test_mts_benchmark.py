@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pickle
+import shutil
 from pathlib import Path
 
 import pytest
 
 import metasel_experiments
+from metasel import runs
 
 MODULE = metasel_experiments.get("mts-benchmark")
 
@@ -47,6 +50,32 @@ def test_metrics_log_holds_the_per_epoch_history_of_every_run(quick_run):
   assert len(runs) == len(config.datasets) * len(MODULE.METHODS) * len(config.seeds)
   assert all("epoch" in r and "test/accuracy" in r for r in records)
   assert len(records) == len(runs) * config.epochs
+
+
+def test_a_run_killed_before_its_last_unit_resumes_to_the_same_numbers(quick_run, tmp_path, monkeypatch):
+  """Without its last unit (mts-features on the last seed, which reads the stored uniform run's dynamics), a run
+  computes only that unit and ends with the summary and metrics lines of the uninterrupted run."""
+  summary, finished = quick_run
+  folder = tmp_path / "killed"
+  shutil.copytree(finished, folder)
+  stored = {path: pickle.loads(path.read_bytes()) for path in (folder / "units").glob("*.pkl")}
+  last = max(stored, key=lambda path: stored[path]["index"])
+  lines = (folder / "metrics.jsonl").read_text()
+  cut = "".join(line + "\n" for line in stored[last]["lines"])
+  assert stored[last]["key"] == "mixture/mts-features/seed=1" and lines.endswith(cut)
+  last.unlink()  # killed while the unit ran: neither its file, its lines, nor the summary were written
+  (folder / "metrics.jsonl").write_text(lines.removesuffix(cut))
+  (folder / "summary.json").unlink()
+
+  computed = []
+  store = runs.Units.run
+  counted = lambda key, compute: lambda log: (computed.append(key), compute(log))[1]
+  monkeypatch.setattr(runs.Units, "run", lambda self, key, compute: store(self, key, counted(key, compute)))
+  resumed = MODULE.run(MODULE.get_config(quick=True), folder)
+  assert computed == ["mixture/mts-features/seed=1"]
+  assert json.loads(json.dumps(runs.to_jsonable(resumed))) == json.loads(json.dumps(runs.to_jsonable(summary)))
+  assert (folder / "summary.json").read_text() == (finished / "summary.json").read_text()
+  assert (folder / "metrics.jsonl").read_text() == lines
 
 
 def _quick(**changes):

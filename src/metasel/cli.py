@@ -1,14 +1,24 @@
-"""Command line: `metasel run NAME`, `metasel report DIR`, `metasel list`."""
+"""Command line: `metasel run NAME`, `metasel report DIR`, `metasel list`.
+
+`metasel run NAME --set key=value` overrides any config field (typed by the field, nested fields and
+dataset options by dotted paths); `--resume RUN_DIR` continues a killed run with the settings it was
+started with; `--devices N` splits batches over N devices; `--coordinator ADDR --num-processes N
+--process-id I` joins a multi-host run (every host runs the same command, with the same `--run-id`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from metasel import runs
+from metasel import configs, runs
+
+COMMAND_FILE = "command.json"  # the arguments a run folder was started with, read back by --resume
+SETTINGS = ("name", "quick", "seeds", "dataset", "model", "set")  # the arguments that make the config
 
 
 def _experiments():
@@ -28,6 +38,18 @@ def _parser() -> argparse.ArgumentParser:
   run.add_argument("--model", help="model, e.g. mlp or cnn (experiments that train one)")
   run.add_argument("--out", default="results", help="results root folder (default: results)")
   run.add_argument("--run-id", help="name of the run folder (default: a timestamp); never overwritten")
+  run.add_argument(
+      "--set", action="append", default=[], metavar="KEY=VALUE",
+      help="override a config field, typed by the field (repeatable), e.g. warmup.epochs=2 or dataset_options.n_real=200",
+  )
+  run.add_argument(
+      "--resume", type=Path, metavar="RUN_DIR",
+      help="continue a killed run in RUN_DIR with the settings it was started with; finished units are kept",
+  )
+  run.add_argument("--devices", type=int, help="split each batch over this many devices (CPU: forced host devices)")
+  run.add_argument("--coordinator", help="multi-host: the coordinator's HOST:PORT (jax.distributed)")
+  run.add_argument("--num-processes", type=int, help="multi-host: the number of processes")
+  run.add_argument("--process-id", type=int, help="multi-host: this process's index")
   report = sub.add_parser("report", help="print the summary table of a run folder")
   report.add_argument("run_dir", type=Path)
   sub.add_parser("list", help="list the experiments")
@@ -48,7 +70,85 @@ def _configure(module, args) -> object:
   for key in changes:
     if not hasattr(config, key):
       raise ValueError(f"experiment {args.name!r} has no setting {key!r}")
-  return dataclasses.replace(config, **changes)
+  return configs.apply_overrides(dataclasses.replace(config, **changes), args.set)
+
+
+def _resumed_arguments(args) -> argparse.Namespace:
+  """The arguments `--resume RUN_DIR` was started with, with this command's devices and processes."""
+  given = [f"--{key}" for key in SETTINGS[1:] if getattr(args, key) not in (None, False, [])]
+  if given:
+    raise ValueError(f"--resume takes the settings the run was started with; drop {', '.join(given)}")
+  path = args.resume / COMMAND_FILE
+  if not path.exists():
+    raise FileNotFoundError(f"no {COMMAND_FILE} in {args.resume}; expected a run folder made by `metasel run`")
+  started = json.loads(path.read_text())
+  if started["name"] != args.name:
+    raise ValueError(f"{args.resume} is a run of {started['name']!r}, not {args.name!r}")
+  return argparse.Namespace(**{**vars(args), **started})
+
+
+def _start_devices(args) -> None:
+  """Join the multi-host run and force CPU host devices, before JAX starts its backends."""
+  if args.devices is not None and args.devices < 1:
+    raise ValueError(f"--devices must be a positive integer, got {args.devices}")
+  distributed = (args.coordinator, args.num_processes, args.process_id)
+  if any(value is not None for value in distributed):
+    if any(value is None for value in distributed) or args.run_id is None and args.resume is None:
+      raise ValueError(
+          "a multi-host run needs --coordinator, --num-processes, --process-id and the same --run-id on every host"
+      )
+    from metasel import parallel
+
+    parallel.initialize(args.coordinator, args.num_processes, args.process_id)
+  elif args.devices is not None:
+    import jax
+
+    if args.devices > jax.config.jax_num_cpu_devices:  # only the CPU backend reads it
+      try:
+        jax.config.update("jax_num_cpu_devices", args.devices)
+      except RuntimeError:
+        raise ValueError(
+            f"--devices {args.devices} needs JAX_NUM_CPU_DEVICES={args.devices} set before JAX starts in this process"
+        ) from None
+
+
+# Config fields whose sizes are split over devices: training batches, GSNR batch counts, DVN probes.
+BATCH_FIELDS = ("batch_size", "batch_sizes", "trace_batch_sizes", "num_batches", "num_samples")
+
+
+def _check_devices(config, devices: int, path: str = "") -> None:
+  """Raise a clear error, before any compute, for a batch-size field of `config` that does not divide over the devices."""
+  from metasel import parallel
+
+  for field in dataclasses.fields(config):
+    value, name = getattr(config, field.name), f"{path}{field.name}"
+    if dataclasses.is_dataclass(value):
+      _check_devices(value, devices, f"{name}.")
+    elif field.name in BATCH_FIELDS:
+      for size in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(size, int) and not isinstance(size, bool):
+          parallel.check_divides(size, devices, f"config field {name}")
+
+
+def _mesh_devices(args) -> int | None:
+  """The data mesh's device count: `--devices`, every device of a multi-host run, or None (no mesh)."""
+  if args.devices is not None or args.num_processes is None:
+    return args.devices
+  import jax
+
+  return jax.device_count()
+
+
+def _mesh_context(args):
+  """`jax.set_mesh` of an N-device data mesh for `--devices N` (or every device of a multi-host run)."""
+  devices = _mesh_devices(args)
+  if devices is None:
+    return contextlib.nullcontext()
+  import jax
+
+  from metasel import parallel
+
+  return jax.set_mesh(parallel.data_mesh(devices))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,17 +165,27 @@ def main(argv: list[str] | None = None) -> int:
       summary = json.loads(summary_path.read_text())
       print(summary.get("table") or json.dumps(summary, indent=2))
       return 0
+    _start_devices(args)
+    settings = _resumed_arguments(args) if args.resume else args
     module = _experiments().get(args.name)
-    config = _configure(module, args)
+    config = _configure(module, settings)
     module.check(config)
-    out_dir = runs.new_run_dir(args.out, args.name, args.run_id)
+    if (devices := _mesh_devices(args)) is not None:
+      _check_devices(config, devices)
+    if args.resume:
+      out_dir = args.resume
+    else:
+      out_dir = runs.new_run_dir(args.out, args.name, args.run_id)
+      runs.write_json(out_dir / COMMAND_FILE, {key: getattr(args, key) for key in SETTINGS})
   except (ValueError, FileNotFoundError, FileExistsError) as err:
     print(f"metasel: error: {err}", file=sys.stderr)
     return 2
-  print(f"metasel: running {args.name} -> {out_dir}", file=sys.stderr)
-  summary = module.run(config, out_dir)
-  print(summary.get("table", ""))
-  print(f"\nresults in {out_dir}")
+  print(f"metasel: {'resuming' if args.resume else 'running'} {args.name} -> {out_dir}", file=sys.stderr)
+  with _mesh_context(args):
+    summary = module.run(config, out_dir)
+  if runs.writes():
+    print(summary.get("table", ""))
+    print(f"\nresults in {out_dir}")
   return 0
 
 

@@ -24,7 +24,7 @@ from metasel.tape import Tape
 
 __all__ = [
     "Batch", "StepContext", "StepResult", "Method", "Metrics", "uniform", "uniform_weights", "keep_state",
-    "weight_diagnostics",
+    "weight_diagnostics", "validation_rows", "with_validation_batch",
 ]
 
 Metrics = dict[str, jax.Array]  # scalar metrics, the same keys every step
@@ -46,7 +46,9 @@ class StepContext(NamedTuple):
   `outputs` (B, O) and `embeddings` (B, D)), so methods need not run the model again for them, the
   whole training pool (`train_x` (N, ...), `train_y` (N,)) for methods that score or probe it, and the
   batch's `tape` at `params` (every taped layer's input rows and per-sample loss-to-output gradients),
-  which costs nothing beyond the forward pass unless a method reads its gradients.
+  which costs nothing beyond the forward pass unless a method reads its gradients. `val_split` (the whole
+  validation split) and `val_key` (the key of this step's validation rows) let a method that needs the
+  validation batch only on some steps draw and gather it inside its own branch (`with_validation_batch`).
   """
 
   params: Any
@@ -60,6 +62,26 @@ class StepContext(NamedTuple):
   train_x: jax.Array | None = None
   train_y: jax.Array | None = None
   tape: Tape | None = None
+  val_split: tuple[jax.Array, jax.Array] | None = None
+  val_key: jax.Array | None = None
+
+
+def validation_rows(key: jax.Array, num_rows: int, size: int) -> jax.Array:
+  """A step's validation rows (size,): drawn from the split's `num_rows` without replacement."""
+  return jax.random.choice(key, num_rows, (size,), replace=False)
+
+
+def with_validation_batch(ctx: StepContext) -> StepContext:
+  """`ctx` with its validation batch drawn and gathered here from `val_split` (the same rows as `ctx.val_x`).
+
+  Called inside a `lax.cond` branch, the draw and the gather run only on the steps the branch runs, and
+  the loop's own are compiled away when nothing else reads `ctx.val_x`.
+  """
+  if ctx.val_split is None or ctx.val_key is None:
+    return ctx
+  val_x, val_y = ctx.val_split
+  rows = validation_rows(ctx.val_key, val_x.shape[0], ctx.val_x.shape[0])
+  return ctx._replace(val_x=val_x[rows], val_y=val_y[rows])
 
 
 class StepResult(NamedTuple):

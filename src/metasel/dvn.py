@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metasel import checks, persample
+from metasel import checks, parallel, persample
 from metasel.adapters import ModelLike
 from metasel.contributions import contributions, first_order_contributions, spearman
-from metasel.core import Method, StepContext
+from metasel.core import Method, StepContext, with_validation_batch
 from metasel.numerics import nonzero_scale
 from metasel.samplers import (
     PROXY_FEATURES, Normalization, ProxyFeatures, SamplerState, proxy_features, sampling_probs, table_sampler,
@@ -187,9 +187,12 @@ def probe(
   """Features and one-step contributions of the pool rows `rows` (K,) at the step's params and validation batch.
 
   One recorded tape serves the features and the exact contributions; the first-order estimates are
-  computed when the target is "first_order" or `first_order` asks for them.
+  computed when the target is "first_order" or `first_order` asks for them. Under a data mesh the K
+  probes are split over its devices (K must divide over them).
   """
-  x, y = ctx.train_x[rows], ctx.train_y[rows]
+  # The K probes are split over the ambient data mesh (a no-op on one device).
+  rows = parallel.constrain_rows(rows, "num_samples (the DVN's K probes)")
+  x, y = parallel.constrain_rows((ctx.train_x[rows], ctx.train_y[rows]), "num_samples (the DVN's K probes)")
   recorded = persample.record(model, ctx.params, x, y, loss_fn)
   probed = features.from_tape(ctx.params, recorded, x, y, rows)  # (K, F)
   estimate = None
@@ -330,31 +333,30 @@ def dvn(
 
   def meta_update(state: DVNState, table: jax.Array, ctx: StepContext) -> DVNState:
     """Probe K pool samples drawn uniformly without replacement, then learn from them."""
+    ctx = with_validation_batch(ctx)  # gathered only on the steps that probe
     rows = jax.random.choice(ctx.key, ctx.train_x.shape[0], (num_samples,), replace=False)
     found = probe(model, loss_fn, features, ctx, rows, state.step_size, target=target, first_order=compare_first_order)
     return learn_from_probe(
         network, optimizer, state, table, found, fit_steps=fit_steps, standardize_targets=standardize_targets
     )
 
-  def learn(state: DVNState, table, ctx, step):
-    probed = step % period == 0
-    state = jax.lax.cond(probed, meta_update, lambda s, t, c: s, state, table, ctx)
-    metrics = {
+  def report(state: DVNState, probed: jax.Array):
+    return {
         "dvn/spearman": state.spearman,
         "dvn/first_order_spearman": state.first_order_spearman,
         "dvn/fit_loss": state.fit_loss,
         "dvn/probed": probed.astype(jnp.float32),
     }
-    return state, probed, metrics
 
-  def probs(state: SamplerState) -> jax.Array:
-    return sampling_probs(state.scores, normalization, state.learner.temperature)
+  def distribution(state: DVNState, scores: jax.Array) -> jax.Array:
+    return sampling_probs(scores, normalization, state.temperature)
 
   def score(state: DVNState, table):
     return regressor_score(network, state.regressor, table)
 
   return table_sampler(
-      features, score, probs, learner_init=learner_init, learn=learn, refresh_every=refresh_every, name=name
+      features, score, distribution, learner_init=learner_init, learn=meta_update, learn_every=period, report=report,
+      refresh_every=refresh_every, name=name,
   )
 
 
@@ -369,7 +371,7 @@ def grad_norm_sampler(
   return table_sampler(
       proxy_features(model, loss_fn, include=("grad_norm",)),
       lambda learner, table: table[:, 0],
-      lambda state: sampling_probs(state.scores, "none"),
+      lambda learner, scores: sampling_probs(scores, "none"),
       refresh_every=refresh_every,
       name=name,
   )

@@ -16,6 +16,7 @@ reuses it for a new but equal gradient function (the same code with equal captur
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -23,7 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from metasel import checks, numerics
+from metasel import checks, numerics, parallel
 from metasel._static import StaticCallable
 
 __all__ = [
@@ -31,6 +32,8 @@ __all__ = [
     "DrawBatch",
     "GSNR",
     "summarize",
+    "STRATEGIES",
+    "evaluation_strategy",
     "measure",
     "draw_rows",
     "sweep",
@@ -124,21 +127,58 @@ def summarize(stacked_grads) -> GSNR:
   return _from_moments(means, variances, num)
 
 
-def measure(grad_fn: GradFn, params: Params, batches, *, chunk_size: int | None = None) -> GSNR:
+STRATEGIES = ("auto", "vmap", "map")
+
+
+def evaluation_strategy(strategy: str = "auto", backend: str | None = None) -> str:
+  """The way M gradients are evaluated: "vmap" (one batched program) or "map" (`lax.map`, in chunks).
+
+  "auto" picks "vmap" on accelerators, where batching the M backward passes fills the device, and "map"
+  on the CPU, where XLA runs batched matrix products slower than the same products one after another.
+  """
+  checks.check_choice("strategy", strategy, STRATEGIES)
+  if strategy != "auto":
+    return strategy
+  return "map" if (backend or jax.default_backend()) == "cpu" else "vmap"
+
+
+def _stacked_grads(grad_of: Callable[[Any], Any], items, strategy: str, chunk_size: int | None):
+  """`grad_of(item)` for the M items stacked on axis 0 of `items` (leaves (M, ...) out), by `strategy`: one
+  vmap, or `lax.map` over chunks of `chunk_size` (default 1)."""
+  num = _leading_size(items, "batches")
+  if strategy == "vmap" and (chunk_size is None or chunk_size >= num):
+    return jax.vmap(grad_of)(items)
+  return jax.lax.map(grad_of, items, batch_size=chunk_size)
+
+
+def _spread_over_devices(grad_of: Callable[[Any], Any], items, strategy: str, chunk_size: int | None):
+  """`_stacked_grads` with the M items split over the ambient data mesh, each device evaluating its share."""
+  devices = parallel.mesh_size()
+  if devices == 1:
+    return _stacked_grads(grad_of, items, strategy, chunk_size)
+  num = _leading_size(items, "batches")
+  parallel.check_divides(num, devices, "num_batches")
+  shares = parallel.constrain_rows(jax.tree.map(lambda b: b.reshape(devices, num // devices, *b.shape[1:]), items))
+  stacked = jax.vmap(lambda share: _stacked_grads(grad_of, share, strategy, chunk_size))(shares)
+  return jax.tree.map(lambda g: g.reshape(num, *g.shape[2:]), stacked)
+
+
+def measure(
+    grad_fn: GradFn, params: Params, batches, *, chunk_size: int | None = None, strategy: str = "auto"
+) -> GSNR:
   """GSNR of `grad_fn(params, batch)` over M batches stacked on the leading axis of `batches`' leaves.
 
-  All M gradients come from one `jax.vmap`, or from `jax.lax.map` over chunks of `chunk_size`
-  batches to bound the memory of the backward passes (the M stacked gradients still exist).
-  Not jitted here: jit the caller.
+  The M gradients come from one `jax.vmap` (`strategy="vmap"`), or from `jax.lax.map` over chunks of
+  `chunk_size` batches (`strategy="map"`, or any `chunk_size` below M), which bounds the memory of the
+  backward passes (the M stacked gradients still exist); "auto" chooses by backend
+  (`evaluation_strategy`). Under a data mesh the M batches are split over its devices (M must divide
+  over them). Not jitted here: jit the caller.
   """
   num = _leading_size(batches, "batches")
   if num < 2:
     raise ValueError(f"measure needs at least 2 batches on the leading axis of batches, got {num}")
   checks.check_int("chunk_size", chunk_size, allow_none=True)
-  if chunk_size is None or chunk_size >= num:
-    stacked = jax.vmap(grad_fn, in_axes=(None, 0))(params, batches)  # leaves (M, ...)
-  else:
-    stacked = jax.lax.map(lambda batch: grad_fn(params, batch), batches, batch_size=chunk_size)
+  stacked = _spread_over_devices(lambda batch: grad_fn(params, batch), batches, evaluation_strategy(strategy), chunk_size)
   return summarize(stacked)
 
 
@@ -159,16 +199,19 @@ def draw_rows(key: jax.Array, data, batch_size: int):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("grad_fn", "batch_size", "num_batches", "draw_batch", "chunk_size")
+    jax.jit, static_argnames=("grad_fn", "batch_size", "num_batches", "draw_batch", "chunk_size", "strategy")
 )
-def _measure_drawn(grad_fn, params, data, key, *, batch_size, num_batches, draw_batch, chunk_size) -> GSNR:
+def _measure_drawn(grad_fn, params, data, key, *, batch_size, num_batches, draw_batch, chunk_size, strategy) -> GSNR:
   """Draw `num_batches` batches of `batch_size` with `draw_batch` and measure: one compiled program.
 
   `grad_fn` and `draw_batch` come wrapped in `StaticCallable`, so equal functions share the program.
   """
   keys = jax.random.split(jax.random.fold_in(key, batch_size), num_batches)
-  batches = jax.vmap(lambda k: draw_batch(k, data, batch_size))(keys)  # leaves (M, b, ...)
-  return measure(grad_fn, params, batches, chunk_size=chunk_size)
+  # Each batch is drawn where its gradient is taken: a mapped strategy never holds all M batches at once.
+  stacked = _spread_over_devices(
+      lambda k: grad_fn(params, draw_batch(k, data, batch_size)), keys, strategy, chunk_size
+  )
+  return summarize(stacked)
 
 
 def _pool_size(data) -> int:
@@ -192,6 +235,8 @@ def sweep(
     key: jax.Array,
     draw_batch: DrawBatch = draw_rows,
     chunk_size: int | None = None,
+    strategy: str = "auto",
+    mesh: jax.sharding.Mesh | None = None,
 ) -> dict[int, GSNR]:
   """GSNR of `grad_fn` at each batch size b, over `num_batches` batches drawn from `data`.
 
@@ -202,6 +247,10 @@ def sweep(
   rebuilt by the same code with equal captured values reuses the program; one capturing a different
   value, or an array that is not the same object, compiles its own.
 
+  `strategy` chooses how the M gradients are evaluated (`evaluation_strategy`: by default a `lax.map` on
+  the CPU, one `vmap` on accelerators). With a data `mesh` (default: the one set with `jax.set_mesh`,
+  if any) the M batches are split over its devices; M must divide over them.
+
   Returns:
     dict b -> `GSNR`, with `num_batches` a Python int.
   """
@@ -209,6 +258,10 @@ def sweep(
   pool = _pool_size(data)
   checks.check_int("num_batches", num_batches, minimum=2)
   checks.check_int("chunk_size", chunk_size, allow_none=True)
+  strategy = evaluation_strategy(strategy)
+  mesh = parallel.resolve_mesh(mesh)
+  if mesh is not None:
+    parallel.check_divides(num_batches, parallel.mesh_size(mesh), "num_batches")
   for b in batch_sizes:
     if not checks.is_int(b) or b < 1:
       raise ValueError(f"batch sizes must be positive integers, got {b!r} in {batch_sizes}")
@@ -216,19 +269,16 @@ def sweep(
       raise ValueError(f"batch size {b} exceeds the pool of {pool} rows in data; expected at most {pool}")
   grad_fn = StaticCallable(grad_fn, name="grad_fn")
   draw_batch = StaticCallable(draw_batch, name="draw_batch")
+  if mesh is not None:
+    params, data, key = parallel.replicate((params, data, key), mesh)
   results = {}
-  for b in batch_sizes:
-    g = _measure_drawn(
-        grad_fn,
-        params,
-        data,
-        key,
-        batch_size=int(b),
-        num_batches=int(num_batches),
-        draw_batch=draw_batch,
-        chunk_size=chunk_size,
-    )
-    results[int(b)] = g._replace(num_batches=int(num_batches))
+  with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+    for b in batch_sizes:
+      g = _measure_drawn(
+          grad_fn, params, data, key, batch_size=int(b), num_batches=int(num_batches), draw_batch=draw_batch,
+          chunk_size=chunk_size, strategy=strategy,
+      )
+      results[int(b)] = g._replace(num_batches=int(num_batches))
   return results
 
 

@@ -1,23 +1,35 @@
 """Run folders: `results/<experiment>/<run-id>/` with config, metrics lines and summary, written safely.
 
 Every file is written atomically (a temporary file renamed into place), so an interrupted run never
-leaves a half-written JSON file, and an existing run folder is never overwritten.
+leaves a half-written JSON file, and an existing run folder is never overwritten. An experiment runs
+as finished units of work (a seed of a dataset, one method's runs, ...) kept in `units/`, so that a
+killed run resumes (`open_run` on its folder) from its last finished unit and ends with the same
+numbers. With several processes only process 0 writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
+import pickle
+import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["new_run_dir", "write_json", "to_jsonable", "MetricsLog", "pyplot", "save_figure", "environment"]
+__all__ = [
+    "new_run_dir", "write_json", "to_jsonable", "MetricsLog", "Units", "open_run", "writes", "pyplot", "save_figure",
+    "environment", "compiled_memory_mb",
+]
+
+T = TypeVar("T")
 
 
 def to_jsonable(value: Any) -> Any:
@@ -41,15 +53,20 @@ def _umask() -> int:
   return mask
 
 
-def write_json(path: str | os.PathLike, value: Any) -> None:
-  """Write `value` as indented JSON to `path` atomically."""
-  path = Path(path)
+def writes() -> bool:
+  """Whether this process writes results: always with one process, only process 0 with several."""
+  import jax
+
+  return jax.process_index() == 0
+
+
+def _write_atomic(path: Path, write: Callable[[Any], None], mode: str) -> None:
+  """Write `path` through a temporary file renamed into place, so a reader never sees half of it."""
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(to_jsonable(value), f, indent=2, sort_keys=True)
-      f.write("\n")
+    with os.fdopen(fd, mode) as f:
+      write(f)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; give results the usual mode
     os.replace(tmp, path)
   except BaseException:
@@ -57,11 +74,26 @@ def write_json(path: str | os.PathLike, value: Any) -> None:
     raise
 
 
+def _json_text(value: Any) -> str:
+  return json.dumps(to_jsonable(value), indent=2, sort_keys=True) + "\n"
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+  """Write `value` as indented JSON to `path` atomically (process 0 only)."""
+  if writes():
+    _write_atomic(Path(path), lambda f: f.write(_json_text(value)), "w")
+
+
 def new_run_dir(root: str | os.PathLike, experiment: str, run_id: str | None = None) -> Path:
-  """Create and return a fresh `root/experiment/run_id` folder; never reuses an existing one."""
+  """Create and return a fresh `root/experiment/run_id` folder; never reuses an existing one.
+
+  With several processes every one must be given the same `run_id`; only process 0 creates the folder.
+  """
   if run_id is None:
     run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
   path = Path(root) / experiment / run_id
+  if not writes():
+    return path
   try:
     path.mkdir(parents=True, exist_ok=False)
   except FileExistsError:
@@ -72,20 +104,107 @@ def new_run_dir(root: str | os.PathLike, experiment: str, run_id: str | None = N
 
 
 class MetricsLog:
-  """Appends one JSON object per line to `metrics.jsonl`, flushing each line so a crash loses none."""
+  """Appends one JSON object per line to `metrics.jsonl`, flushing each write so a crash loses none."""
 
   def __init__(self, path: str | os.PathLike):
     self.path = Path(path)
     self.path.parent.mkdir(parents=True, exist_ok=True)
 
   def write(self, record: dict[str, Any]) -> None:
-    with self.path.open("a") as f:
-      f.write(json.dumps(to_jsonable(record), sort_keys=True) + "\n")
+    self.write_lines([line_of(record)])
+
+  def write_lines(self, lines: list[str]) -> None:
+    """Append ready JSON lines in one write (process 0 only)."""
+    if lines and writes():
+      with self.path.open("a") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+  def lines(self) -> list[str]:
+    return self.path.read_text().splitlines() if self.path.exists() else []
 
   def read(self) -> list[dict[str, Any]]:
-    if not self.path.exists():
-      return []
-    return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(self.lines(), 1):
+      if not line.strip():
+        continue
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError as err:
+        raise ValueError(f"{self.path} line {number} is not a JSON object ({err}): {line[:80]!r}") from None
+    return records
+
+
+def line_of(record: dict[str, Any]) -> str:
+  """A metrics record as its one JSON line."""
+  return json.dumps(to_jsonable(record), sort_keys=True)
+
+
+class Units:
+  """The finished units of work of a run folder (`units/`), each with its result and its metrics lines.
+
+  `run(key, compute)` calls `compute(log)` once per key over the life of the folder: a unit found
+  finished returns its stored result without computing. A unit's lines reach `metrics.jsonl` when it
+  finishes, after its result is stored; a run killed in between gets them appended when it resumes, so
+  the file ends with every finished unit's lines exactly once and never any of an unfinished one.
+  """
+
+  def __init__(self, out_dir: str | os.PathLike, metrics: MetricsLog):
+    self.dir = Path(out_dir) / "units"
+    self.metrics = metrics
+    self._count = len(self.finished())
+    self._append_missing_lines()
+
+  def path(self, key: str) -> Path:
+    """The unit's file: a readable slug of the key and a short hash (keys may hold paths)."""
+    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", key)[-80:]
+    return self.dir / f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pkl"
+
+  def finished(self) -> list[dict[str, Any]]:
+    """The stored units, in the order they finished."""
+    units = [pickle.loads(path.read_bytes()) for path in self.dir.glob("*.pkl")] if self.dir.exists() else []
+    return sorted(units, key=lambda unit: unit["index"])
+
+  def _append_missing_lines(self) -> None:
+    present = set(self.metrics.lines())
+    for unit in self.finished():
+      self.metrics.write_lines([line for line in unit["lines"] if line not in present])
+
+  def run(self, key: str, compute: Callable[[Callable[[dict[str, Any]], None]], T]) -> T:
+    """`compute(log)`'s result for this key, stored on first completion; `log` collects its metrics records."""
+    path = self.path(key)
+    if path.exists():
+      unit = pickle.loads(path.read_bytes())
+      if unit["key"] != key:
+        raise ValueError(f"{path} holds unit {unit['key']!r}, not {key!r}; the run folder's units/ is corrupt")
+      return unit["result"]
+    lines: list[str] = []
+    result = compute(lambda record: lines.append(line_of(record)))
+    unit = {"key": key, "index": self._count, "result": result, "lines": lines}
+    self._count += 1
+    if writes():
+      _write_atomic(path, lambda f: pickle.dump(unit, f), "wb")
+    self.metrics.write_lines(lines)
+    return result
+
+
+def open_run(out_dir: str | os.PathLike, config: Any) -> tuple[MetricsLog, Units]:
+  """Start or resume an experiment's run folder: its config, metrics log and finished units.
+
+  A fresh folder gets `config.json`; a folder that has one must have been started with the same config
+  (a clear error otherwise), and its files are kept as they are.
+  """
+  out_dir = Path(out_dir)
+  config_path = out_dir / "config.json"
+  text = _json_text(config)
+  if config_path.exists():
+    if config_path.read_text() != text:
+      raise ValueError(
+          f"{out_dir} was started with another configuration ({config_path}); expected the same settings to resume it"
+      )
+  else:
+    write_json(config_path, config)
+  metrics = MetricsLog(out_dir / "metrics.jsonl")
+  return metrics, Units(out_dir, metrics)
 
 
 def pyplot():
@@ -99,9 +218,10 @@ def pyplot():
 
 
 def save_figure(fig, path: str | os.PathLike) -> None:
-  """Lay out, save as PNG and close a matplotlib figure."""
+  """Lay out, save as PNG (process 0 only) and close a matplotlib figure."""
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  if writes():
+    fig.savefig(path, dpi=110)
   pyplot().close(fig)
 
 

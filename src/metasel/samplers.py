@@ -3,8 +3,8 @@
 `proxy_features` are cheap per-sample features (loss, ghost gradient norm, embedding norm, any named
 signal) read off a `tape.Tape`; `table_sampler` keeps every pool sample's features as last measured (the
 whole pool at the first step, then each batch's rows from the step's own forward and backward pass, so
-they cost no extra pass), scores them, and draws batches from `sampling_probs` of the scores. The DVN
-(`metasel.dvn`) and the gradient-norm baseline are table samplers.
+they cost no extra pass), scores them, and draws batches from `sampling_probs` of the scores, kept in
+its state. The DVN (`metasel.dvn`) and the gradient-norm baseline are table samplers.
 """
 
 from __future__ import annotations
@@ -144,10 +144,16 @@ def sampling_probs(scores: jax.Array, normalization: Normalization = "softmax", 
 
 
 class SamplerState(NamedTuple):
-  """A table sampler's state: pool features (N, F) as last measured, scores (N,), the step, and its learner."""
+  """A table sampler's state: pool features (N, F) as last measured, scores (N,), their sampling distribution (N,),
+  the step, and its learner.
+
+  The distribution is normalised once per step, after the step's rows are rescored; the next batch is
+  drawn from it and the pool diagnostics read it, without normalising the scores again.
+  """
 
   features: jax.Array
   scores: jax.Array
+  probs: jax.Array
   step: jax.Array
   learner: Any = ()
 
@@ -165,16 +171,33 @@ def _pool_diagnostics(probs: jax.Array) -> Metrics:
   return {"sampler/pool_ess": 1.0 / jnp.sum(jnp.square(probs)), "sampler/max_prob": jnp.max(probs)}
 
 
-Learn = Callable[[Any, jax.Array, StepContext, jax.Array], tuple[Any, jax.Array, Metrics]]
+def _every(step: jax.Array, period: int | None) -> jax.Array:
+  """Whether work done every `period` steps (None: only at step 0) is due at `step`."""
+  return step == 0 if period is None else step % period == 0
+
+
+def _ordered_after(weights: jax.Array, values: jax.Array) -> jax.Array:
+  """The same weights, made data-dependent on `values` (0 times a comparison adds +0.0, also for NaN).
+
+  The model's step consumes the weights, so XLA orders its in-place parameter update after the
+  pool-wide work that produced `values` and read the old parameters, instead of copying the
+  parameters every step to keep them for that work.
+  """
+  return weights + 0.0 * (values[0] > 0).astype(weights.dtype)
+
+
+Learn = Callable[[Any, jax.Array, StepContext], Any]
 
 
 def table_sampler(
     features: ProxyFeatures,
     score: Callable[[Any, jax.Array], jax.Array],
-    probs: Callable[[SamplerState], jax.Array],
+    distribution: Callable[[Any, jax.Array], jax.Array],
     *,
     learner_init: Callable[[jax.Array, int], Any] = lambda key, n: (),
     learn: Learn | None = None,
+    learn_every: int = 1,
+    report: Callable[[Any, jax.Array], Metrics] = lambda learner, learned: {},
     refresh_every: int | None = None,
     name: str = "table-sampler",
 ) -> Method:
@@ -182,29 +205,41 @@ def table_sampler(
 
   The whole pool is measured at step 0 (and every `refresh_every` steps), and each batch's rows at every
   step from the training step's own tape. `score(learner, table (N, F)) -> (N,)` turns features into
-  scores and `probs(state) -> (N,)` scores into the sampling distribution. A `learn(learner, table, ctx,
-  step) -> (learner, changed, metrics)` runs before each step (the DVN's probes); the pool is rescored
-  when it reports a change. Batches are weighted uniformly.
+  scores and `distribution(learner, scores) -> (N,)` scores into the sampling distribution. A
+  `learn(learner, table, ctx) -> learner` runs before every `learn_every`-th step (the DVN's probes),
+  and `report(learner, learned) -> metrics` gives the step's metrics of the learner. Batches are
+  weighted uniformly.
+
+  Only the work that changes runs in a step: the pool-wide work (measuring the pool, learning, and
+  rescoring the whole table with the learner) runs under one `lax.cond` on the steps it is due, and
+  every step rescores its own rows and normalises the scores once into the distribution kept in the
+  state, which the training loop draws from and the pool diagnostics read.
   """
   checks.check_int("refresh_every", refresh_every, allow_none=True)
+  checks.check_int("learn_every", learn_every)
 
   def init(key, num_train):
-    zeros = jnp.zeros((num_train, features.width), jnp.float32)
-    return SamplerState(zeros, jnp.zeros((num_train,), jnp.float32), jnp.zeros((), jnp.int32), learner_init(key, num_train))
+    learner = learner_init(key, num_train)
+    scores = jnp.zeros((num_train,), jnp.float32)
+    features_table = jnp.zeros((num_train, features.width), jnp.float32)
+    return SamplerState(features_table, scores, distribution(learner, scores), jnp.zeros((), jnp.int32), learner)
 
-  def pool_table(state: SamplerState, ctx: StepContext) -> tuple[jax.Array, jax.Array]:
-    """The table before this step and whether the whole pool was measured anew."""
-    _check_sampler_ctx(ctx)
-    refresh = state.step == 0 if refresh_every is None else state.step % refresh_every == 0
+  def pool_work(state: SamplerState, ctx: StepContext, refresh: jax.Array, learning: jax.Array) -> SamplerState:
+    """The table measured anew (when due), the learner's update (when due), and the whole pool rescored."""
     rows = jnp.arange(ctx.train_x.shape[0])
     table = jax.lax.cond(refresh, lambda: features.fn(ctx.params, ctx.train_x, ctx.train_y, rows), lambda: state.features)
-    return table, refresh
+    learner = state.learner
+    if learn is not None:
+      learner = jax.lax.cond(learning, lambda: learn(state.learner, table, ctx), lambda: state.learner)
+    return state._replace(features=table, scores=score(learner, table), learner=learner)
 
   def weights(state: SamplerState, ctx: StepContext):
-    table, refreshed = pool_table(state, ctx)
-    learner, changed, metrics = (state.learner, False, {}) if learn is None else learn(state.learner, table, ctx, state.step)
-    scores = jax.lax.cond(refreshed | changed, lambda: score(learner, table), lambda: state.scores)
-    return uniform_weights(ctx.batch.y.shape[0]), SamplerState(table, scores, state.step, learner), metrics
+    _check_sampler_ctx(ctx)
+    refresh = _every(state.step, refresh_every)
+    learning = jnp.asarray(learn is not None) & _every(state.step, learn_every)
+    proposed = jax.lax.cond(refresh | learning, lambda: pool_work(state, ctx, refresh, learning), lambda: state)
+    weights = _ordered_after(uniform_weights(ctx.batch.y.shape[0]), proposed.scores)
+    return weights, proposed, report(proposed.learner, learning)
 
   def update(state: SamplerState, ctx: StepContext, result: StepResult, proposed: SamplerState):
     batch = ctx.batch
@@ -212,11 +247,11 @@ def table_sampler(
       rows = features.fn(ctx.params, batch.x, batch.y, batch.indices)
     else:
       rows = features.from_tape(ctx.params, result.tape, batch.x, batch.y, batch.indices)  # (B, F)
+    scores = proposed.scores.at[batch.indices].set(score(proposed.learner, rows))
+    probs = distribution(proposed.learner, scores)  # the one normalisation of the step
     new_state = proposed._replace(
-        features=proposed.features.at[batch.indices].set(rows),
-        scores=proposed.scores.at[batch.indices].set(score(proposed.learner, rows)),
-        step=proposed.step + 1,
+        features=proposed.features.at[batch.indices].set(rows), scores=scores, probs=probs, step=proposed.step + 1
     )
-    return new_state, _pool_diagnostics(probs(new_state))
+    return new_state, _pool_diagnostics(probs)
 
-  return Method(init, weights, update, probs=probs, name=name)
+  return Method(init, weights, update, probs=lambda state: state.probs, name=name)

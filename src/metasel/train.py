@@ -9,22 +9,21 @@ Python side only logs metrics, shows progress, saves checkpoints and stops on a 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import tqdm
 
-from metasel import adapters, checks, core, persample, signals, tape
+from metasel import adapters, checks, checkpoints as checkpointing, core, parallel, persample, signals, tape
 from metasel.adapters import Model, ModelLike
 from metasel.data import Dataset, sampling
 from metasel.numerics import safe_divide
@@ -177,7 +176,8 @@ def make_epoch(
   (N,) (`Split.groups`, shown to methods as `Batch.groups`); `batch_indices` (S, B) are the uniform
   epoch's batches (ignored when the method samples from its own `probs`); each step shows the method
   `val_batch_size` validation rows drawn without replacement. Metrics are stacked over steps.
-  Jit the result once per run, donating the state.
+  Jit the result once per run, donating the state. Traced under a data mesh (`jax.set_mesh`), each
+  batch is split over its devices.
   """
   model = adapters.as_model(model)
 
@@ -186,8 +186,12 @@ def make_epoch(
     key, batch_key, val_key, method_key = jax.random.split(state.key, 4)
     if method.probs is not None:
       batch_indices = sampling.weighted_batches(batch_key, method.probs(state.method_state), batch_indices.shape[0], 1)[0]
+    # The batch axis is split over the ambient data mesh (a no-op on one device); batch-level sums and
+    # softmaxes then run over the global batch, with the all-reduces inserted by jit's partitioner.
+    batch_indices = parallel.constrain_rows(batch_indices, "batch_size")
     batch = core.Batch(batch_indices, train_x[batch_indices], train_y[batch_indices], groups[0][batch_indices] if groups else None)
-    val_rows = jax.random.choice(val_key, val_x.shape[0], (val_batch_size,), replace=False)
+    batch = parallel.constrain_rows(batch, "batch_size")
+    val_rows = core.validation_rows(val_key, val_x.shape[0], val_batch_size)
 
     def forward(params, perturbations):
       fwd = tape.forward(model, params, batch.x, perturbations=perturbations)
@@ -201,7 +205,7 @@ def make_epoch(
     batch_tape = tape.assemble(fwd, pullback(jnp.ones_like(per_sample))[1], per_sample)
     ctx = core.StepContext(
         state.params, batch, val_x[val_rows], val_y[val_rows], method_key, per_sample, fwd.outputs,
-        fwd.embeddings, train_x, train_y, batch_tape,
+        fwd.embeddings, train_x, train_y, batch_tape, (val_x, val_y), val_key,
     )
     weights, carry, weight_metrics = method.weights(state.method_state, ctx)
     _check_weights(weights, batch_indices.shape[0], method)
@@ -249,14 +253,18 @@ def evaluate(model: ModelLike, loss_fn: persample.LossFn, params, x: jax.Array, 
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_epoch(model: Model, loss_fn, update: Callable, method: core.Method, val_batch_size: int, track: bool):
-  """The jitted epoch, shared by every run with the same model, optimiser update and method (all seeds and rates).
+def _compiled_epoch(model: Model, loss_fn, update: Callable, method: core.Method, val_batch_size: int, track: bool, mesh):
+  """The jitted epoch, shared by every run with the same model, optimiser update, method and mesh (all seeds and rates).
 
-  Only the few most recent are kept: each holds compiled programs, and a process that keeps hundreds
-  of them alive (a long test session) runs out of memory mappings.
+  On a mesh its outputs (state and metrics) are pinned replicated, the shardings its inputs have, so the
+  next epoch reuses the program. Only the few most recent are kept: each holds compiled programs, and a
+  process that keeps hundreds of them alive (a long test session) runs out of memory mappings.
   """
   tx = optax.GradientTransformation(_no_init, update)  # the epoch only updates; `fit` initialises the state
-  return jax.jit(make_epoch(model, loss_fn, tx, method, val_batch_size, track), donate_argnums=0)
+  epoch = make_epoch(model, loss_fn, tx, method, val_batch_size, track)
+  if mesh is None:
+    return jax.jit(epoch, donate_argnums=0)
+  return jax.jit(epoch, donate_argnums=0, out_shardings=parallel.replicated(mesh))
 
 
 def _no_init(params):
@@ -264,8 +272,9 @@ def _no_init(params):
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_evaluate(model: Model, loss_fn):
-  return jax.jit(lambda p, x, y: evaluate(model, loss_fn, p, x, y))
+def _compiled_evaluate(model: Model, loss_fn, mesh):
+  shardings = {} if mesh is None else {"out_shardings": parallel.replicated(mesh)}
+  return jax.jit(lambda p, x, y: evaluate(model, loss_fn, p, x, y), **shardings)
 
 
 def progress_enabled() -> bool:
@@ -278,44 +287,6 @@ class FitResult(NamedTuple):
 
   state: LoopState
   history: list[dict[str, Any]]
-
-
-class _Checkpoints:
-  """Orbax checkpoints of the loop state and history after each epoch, for resuming a run."""
-
-  def __init__(self, directory: str | os.PathLike, config: TrainConfig):
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-    self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
-    # Everything but the epoch count must match for a checkpoint to continue this run.
-    self.settings = {k: v for k, v in config.describe().items() if k != "epochs"}
-
-  @staticmethod
-  def _saveable(state: LoopState) -> LoopState:
-    return state._replace(key=jax.random.key_data(state.key))
-
-  def restore(self, state: LoopState) -> tuple[LoopState, list[dict[str, Any]]] | None:
-    """The latest saved (state, history), or None when there is none yet."""
-    epoch = self.manager.latest_step()
-    if epoch is None:
-      return None
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, self._saveable(state))
-    restored = self.manager.restore(
-        epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
-    )
-    if restored.meta["settings"] != self.settings:
-      raise ValueError(
-          f"checkpoint in {self.manager.directory} was made with settings {restored.meta['settings']},"
-          f" not {self.settings}; expected the same settings (only epochs may change) or a new folder"
-      )
-    state = restored.state._replace(key=jax.random.wrap_key_data(restored.state.key))
-    return state, restored.meta["history"]
-
-  def save(self, epoch: int, state: LoopState, history: list[dict[str, Any]]) -> None:
-    meta = {"settings": self.settings, "history": history}
-    self.manager.save(
-        epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(self._saveable(state)), meta=ocp.args.JsonSave(meta))
-    )
-    self.manager.wait_until_finished()  # the next epoch donates these buffers
 
 
 def _initial_state(model: Model, dataset: Dataset, config: TrainConfig, method: core.Method, tx, params, keys):
@@ -367,6 +338,7 @@ def fit(
     log: Callable[[dict[str, Any]], None] | None = None,
     log_every: int = 1,
     checkpoint_dir: str | os.PathLike | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> FitResult:
   """Train `model` on `dataset` with `method` (uniform by default); returns the state and history.
 
@@ -378,11 +350,20 @@ def fit(
   FloatingPointError after everything up to that epoch has been logged.
 
   With `checkpoint_dir`, the state and history are saved there after every epoch, and a run that
-  finds a checkpoint continues from it: it ends with the same numbers as an uninterrupted run.
+  finds a checkpoint continues from it: it ends with the same numbers as an uninterrupted run, also
+  when it was saved on another number of devices or processes.
+
+  With a data `mesh` (`parallel.data_mesh`; default: the mesh set with `jax.set_mesh`, if any) each
+  batch is split over its devices and params, optimiser and method state are replicated; the batch
+  size must divide over the devices. Batches, samples drawn from a method's `probs` and the numbers
+  are those of one device, up to the order of floating-point sums.
   """
   model = adapters.as_model(model)
   method = method or core.uniform()
   config.check(dataset)
+  mesh = parallel.resolve_mesh(mesh)
+  if mesh is not None:
+    parallel.check_divides(config.batch_size, parallel.mesh_size(mesh), "batch_size")
   for split_name in ("train", "val", "test"):
     checks.check_finite_rows(f"{split_name} features", getattr(dataset, split_name).x)
   checks.check_int("log_every", log_every)
@@ -393,33 +374,37 @@ def fit(
   data = tuple(
       jnp.asarray(a) for a in (dataset.train.x, dataset.train.y, dataset.val.x, dataset.val.y, dataset.train.groups)
   )
+  splits = {name: (jnp.asarray(getattr(dataset, name).x), jnp.asarray(getattr(dataset, name).y)) for name in ("val", "test")}
+  place = (lambda tree: tree) if mesh is None else functools.partial(parallel.replicate, mesh=mesh)
+  state, data, splits = place(state), place(data), place(splits)
   # The epoch never calls `init`, so methods that differ only in their initial state share it.
   stepper = method._replace(init=None)
-  epoch_fn = _compiled_epoch(model, loss_fn, tx.update, stepper, config.val_batch_size, config.track_dynamics)
-  eval_fn = _compiled_evaluate(model, loss_fn)
-  splits = {name: (jnp.asarray(getattr(dataset, name).x), jnp.asarray(getattr(dataset, name).y)) for name in ("val", "test")}
+  epoch_fn = _compiled_epoch(model, loss_fn, tx.update, stepper, config.val_batch_size, config.track_dynamics, mesh)
+  eval_fn = _compiled_evaluate(model, loss_fn, mesh)
 
   history = []
-  checkpoints = None if checkpoint_dir is None else _Checkpoints(checkpoint_dir, config)
+  settings = {k: v for k, v in config.describe().items() if k != "epochs"}  # all but epochs must match to continue
+  checkpoints = None if checkpoint_dir is None else checkpointing.Checkpoints(checkpoint_dir, settings)
   if checkpoints is not None and (restored := checkpoints.restore(state)) is not None:
     state, history = restored
   bar = tqdm.trange(
       len(history), config.epochs, initial=len(history), total=config.epochs,
-      desc=method.name, disable=not progress_enabled(), leave=False,
+      desc=method.name, disable=not progress_enabled() or not parallel.is_main_process(), leave=False,
   )
-  for epoch in bar:
-    batches = sampling.epoch_batches(jax.random.fold_in(order_key, epoch), len(dataset.train), config.batch_size)
-    state, step_metrics = epoch_fn(state, data, batches)
-    step_metrics = jax.device_get(step_metrics)
-    record = _epoch_record(epoch, state, step_metrics, eval_fn, splits)
-    if log is not None:
-      first_step = int(state.step) - len(batches)
-      for i in range(0, len(batches), log_every):
-        log({"step": first_step + i + 1, **{f"step/{k}": float(v[i]) for k, v in step_metrics.items()}})
-      log(record)
-    history.append(record)
-    bar.set_postfix(loss=f"{record['train/mean_loss']:.3f}")
-    _check_finite_loss(step_metrics, state, epoch)
-    if checkpoints is not None:
-      checkpoints.save(epoch + 1, state, history)
+  with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+    for epoch in bar:
+      batches = place(sampling.epoch_batches(jax.random.fold_in(order_key, epoch), len(dataset.train), config.batch_size))
+      state, step_metrics = epoch_fn(state, data, batches)
+      step_metrics = jax.device_get(step_metrics)
+      record = _epoch_record(epoch, state, step_metrics, eval_fn, splits)
+      if log is not None:
+        first_step = int(state.step) - len(batches)
+        for i in range(0, len(batches), log_every):
+          log({"step": first_step + i + 1, **{f"step/{k}": float(v[i]) for k, v in step_metrics.items()}})
+        log(record)
+      history.append(record)
+      bar.set_postfix(loss=f"{record['train/mean_loss']:.3f}")
+      _check_finite_loss(step_metrics, state, epoch)
+      if checkpoints is not None:
+        checkpoints.save(epoch + 1, state, history)
   return FitResult(state, history)

@@ -248,8 +248,13 @@ def check_corrupted_options(
     *, n_real: int | None = None, n_synthetic: int | None = None, tiers: Mapping[str, float] | None = None
 ) -> dict[str, float]:
   """Validate `corrupted_mixture`'s options before any data is loaded; returns the fraction of every corruption."""
-  checks.check_int("n_real", n_real)
-  checks.check_int("n_synthetic", n_synthetic)
+  for name, value in (("n_real", n_real), ("n_synthetic", n_synthetic)):
+    if value is None:
+      raise ValueError(
+          f"a corrupted: dataset needs the option {name} (how many {name[2:]} training rows), got none; e.g."
+          f" {name}=300 (on the command line: --set dataset_options.{name}=300)"
+      )
+    checks.check_int(name, value)
   return checks.check_fractions("tiers", DEFAULT_CORRUPTED_TIERS if tiers is None else tiers, CORRUPTED_TIERS[1:])
 
 
