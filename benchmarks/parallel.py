@@ -4,8 +4,8 @@
 
 Prints one JSON object: for plain (uniform) training and for MTS (the exact hypergradient through one
 virtual SGD step) on the MLP 2000-128-128-4, batch 256, the median step time of `train.fit` on a data
-mesh of each device count (`parallel.data_mesh(n)`; an epoch's time between consecutive log records
-divided by its steps, the first epoch (compilation) left out), and each time over the one-device
+mesh of each device count (`parallel.data_mesh(n)`; an epoch's time between consecutive log records,
+its evaluation included, divided by its steps, the first epoch (compilation) left out), and each time over the one-device
 mesh's as `<method>_step_over_1_device`. On a CPU the devices are forced host devices
 (JAX_NUM_CPU_DEVICES, set here before JAX starts) sharing the machine's cores: the figures show that the
 sharded programs run and what the partitioning costs, not a speed-up, which needs real devices.

@@ -18,7 +18,6 @@ from the table, not assumed.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
@@ -212,12 +211,8 @@ def plot(summary: dict[str, Any], first: dict[str, Any], path: Path) -> None:
 
 def write_signals(path: Path, result: dict[str, Any]) -> None:
   """A seed's signals and tiers as .npz, written once and atomically (a resumed run keeps a finished seed's file)."""
-  if path.exists() or not runs.writes():
-    return
-  tmp = path.with_name(f".{path.name}.tmp")
-  with tmp.open("wb") as f:
-    np.savez_compressed(f, tier=result["tier"], **result["values"])
-  os.replace(tmp, path)
+  if not path.exists():
+    runs.save_npz(path, tier=result["tier"], **result["values"])
 
 
 def run(config: Config, out_dir: Path) -> dict[str, Any]:

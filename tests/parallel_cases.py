@@ -204,16 +204,21 @@ def test_the_compiled_epoch_splits_the_batch_and_all_reduces(mesh, dataset):
   assert f"f32[{batch},{hidden}]" not in hlo
 
 
-def test_command_line_devices_set_the_data_mesh(tmp_path, capsys):
+def test_command_line_devices_set_the_data_mesh(tmp_path, capsys, monkeypatch):
   from metasel import cli
+  from metasel_experiments import gsnr_sweep
 
-  args = cli._parser().parse_args(["run", "gsnr-sweep", "--devices", "4"])
-  with cli._mesh_context(args):
-    assert parallel.resolve_mesh(None).devices.size == 4
-  assert parallel.resolve_mesh(None) is None
+  seen = []
+  monkeypatch.setattr(gsnr_sweep, "run", lambda config, out_dir: seen.append(parallel.resolve_mesh(None)) or {})
+  assert cli.main(["run", "gsnr-sweep", "--quick", "--devices", "4", "--set", "num_batches=8", "--out", str(tmp_path)]) == 0
+  assert seen[0].devices.size == 4 and parallel.resolve_mesh(None) is None  # set around the run only
+  monkeypatch.undo()
   assert cli.main(["run", "gsnr-sweep", "--quick", "--devices", "8", "--out", str(tmp_path), "--run-id", "bad"]) == 2
   assert not (tmp_path / "gsnr-sweep" / "bad").exists()  # refused before any folder or compute
   assert "config field num_batches of 4 does not divide over 8 devices" in capsys.readouterr().err
+  assert cli.main(["run", "gsnr-sweep", "--quick", "--devices", "9", "--out", str(tmp_path), "--run-id", "many"]) == 2
+  assert "--devices 9 needs JAX_NUM_CPU_DEVICES=9 set before JAX starts" in capsys.readouterr().err
+  assert not (tmp_path / "gsnr-sweep" / "many").exists()
 
 
 @pytest.mark.slow

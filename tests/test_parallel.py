@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metasel import parallel, train
+from metasel import train
 from multiprocess_setting import CONFIG, MODEL, dataset, method
 
 TESTS = Path(__file__).parent
@@ -97,4 +97,3 @@ def test_checkpoint_of_two_processes_restores_on_one_device(two_process_run):
   resumed = train.fit(MODEL, dataset(), longer, method(), checkpoint_dir=two_process_run / "checkpoints")
   whole = train.fit(MODEL, dataset(), longer, method())
   _close_histories(resumed.history, whole.history)
-  assert parallel.mesh_size() == 1

@@ -27,6 +27,7 @@ class Checkpoints:
 
   @staticmethod
   def _saveable(state):
+    """The state with its PRNG key as raw key data, which orbax stores as a plain array."""
     return state._replace(key=jax.random.key_data(state.key))
 
   def restore(self, state) -> tuple[Any, list[dict[str, Any]]] | None:
@@ -47,6 +48,7 @@ class Checkpoints:
     return state, restored.meta["history"]
 
   def save(self, epoch: int, state, history: list[dict[str, Any]]) -> None:
+    """Save the state after `epoch` epochs with the history so far, and wait for the write to finish."""
     meta = {"settings": self.settings, "history": history}
     self.manager.save(
         epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(self._saveable(state)), meta=ocp.args.JsonSave(meta))

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from metasel import configs, runs
 
 COMMAND_FILE = "command.json"  # the arguments a run folder was started with, read back by --resume
 SETTINGS = ("name", "quick", "seeds", "dataset", "model", "set")  # the arguments that make the config
+PLACES = ("out", "run_id")  # where a new run goes; --resume names its folder instead
 
 
 def _experiments():
@@ -36,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
   run.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the experiment's)")
   run.add_argument("--dataset", help="dataset spec, e.g. mixture, digits-synthetic, csv:PATH")
   run.add_argument("--model", help="model, e.g. mlp or cnn (experiments that train one)")
-  run.add_argument("--out", default="results", help="results root folder (default: results)")
+  run.add_argument("--out", help="results root folder (default: results)")
   run.add_argument("--run-id", help="name of the run folder (default: a timestamp); never overwritten")
   run.add_argument(
       "--set", action="append", default=[], metavar="KEY=VALUE",
@@ -75,9 +77,9 @@ def _configure(module, args) -> object:
 
 def _resumed_arguments(args) -> argparse.Namespace:
   """The arguments `--resume RUN_DIR` was started with, with this command's devices and processes."""
-  given = [f"--{key}" for key in SETTINGS[1:] if getattr(args, key) not in (None, False, [])]
+  given = [f"--{key.replace('_', '-')}" for key in SETTINGS[1:] + PLACES if getattr(args, key) not in (None, False, [])]
   if given:
-    raise ValueError(f"--resume takes the settings the run was started with; drop {', '.join(given)}")
+    raise ValueError(f"--resume takes the settings and folder the run was started with; drop {', '.join(given)}")
   path = args.resume / COMMAND_FILE
   if not path.exists():
     raise FileNotFoundError(f"no {COMMAND_FILE} in {args.resume}; expected a run folder made by `metasel run`")
@@ -112,8 +114,9 @@ def _start_devices(args) -> None:
         ) from None
 
 
-# Config fields whose sizes are split over devices: training batches, GSNR batch counts, DVN probes.
-BATCH_FIELDS = ("batch_size", "batch_sizes", "trace_batch_sizes", "num_batches", "num_samples")
+# Config fields whose sizes are split over devices: training batches (any `*batch_size(s)` or `*_batch` but
+# the validation and scoring batches, which are not split), GSNR batch counts and DVN probes.
+BATCH_FIELDS = re.compile(r"^(?!val_|score_)(\w*batch_sizes?|\w+_batch|num_batches|num_samples)$")
 
 
 def _check_devices(config, devices: int, path: str = "") -> None:
@@ -124,31 +127,32 @@ def _check_devices(config, devices: int, path: str = "") -> None:
     value, name = getattr(config, field.name), f"{path}{field.name}"
     if dataclasses.is_dataclass(value):
       _check_devices(value, devices, f"{name}.")
-    elif field.name in BATCH_FIELDS:
+    elif BATCH_FIELDS.match(field.name):
       for size in value if isinstance(value, (tuple, list)) else (value,):
         if isinstance(size, int) and not isinstance(size, bool):
           parallel.check_divides(size, devices, f"config field {name}")
 
 
-def _mesh_devices(args) -> int | None:
-  """The data mesh's device count: `--devices`, every device of a multi-host run, or None (no mesh)."""
-  if args.devices is not None or args.num_processes is None:
-    return args.devices
-  import jax
-
-  return jax.device_count()
-
-
-def _mesh_context(args):
-  """`jax.set_mesh` of an N-device data mesh for `--devices N` (or every device of a multi-host run)."""
-  devices = _mesh_devices(args)
-  if devices is None:
-    return contextlib.nullcontext()
+def _mesh(args):
+  """The data mesh of `--devices N` (every device of a multi-host run), or None without one."""
+  if args.devices is None and args.num_processes is None:
+    return None
   import jax
 
   from metasel import parallel
 
-  return jax.set_mesh(parallel.data_mesh(devices))
+  if args.num_processes is not None and args.devices not in (None, jax.device_count()):
+    raise ValueError(
+        f"--devices {args.devices} in a multi-host run of {jax.device_count()} devices; a multi-host run uses every"
+        " device of every process, so leave --devices out"
+    )
+  return parallel.data_mesh(args.devices)
+
+
+def _set_mesh(mesh):
+  import jax
+
+  return jax.set_mesh(mesh)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,18 +174,19 @@ def main(argv: list[str] | None = None) -> int:
     module = _experiments().get(args.name)
     config = _configure(module, settings)
     module.check(config)
-    if (devices := _mesh_devices(args)) is not None:
-      _check_devices(config, devices)
+    mesh = _mesh(args)
+    if mesh is not None:
+      _check_devices(config, mesh.devices.size)
     if args.resume:
       out_dir = args.resume
     else:
-      out_dir = runs.new_run_dir(args.out, args.name, args.run_id)
+      out_dir = runs.new_run_dir(args.out or "results", args.name, args.run_id)
       runs.write_json(out_dir / COMMAND_FILE, {key: getattr(args, key) for key in SETTINGS})
   except (ValueError, FileNotFoundError, FileExistsError) as err:
     print(f"metasel: error: {err}", file=sys.stderr)
     return 2
   print(f"metasel: {'resuming' if args.resume else 'running'} {args.name} -> {out_dir}", file=sys.stderr)
-  with _mesh_context(args):
+  with contextlib.nullcontext() if mesh is None else _set_mesh(mesh):
     summary = module.run(config, out_dir)
   if runs.writes():
     print(summary.get("table", ""))

@@ -129,6 +129,9 @@ def global_rows(local_tree: Any, mesh: Mesh) -> Any:
   result holds all rows in process order.
   """
   sharding = row_sharded(mesh)
+  local_devices = len(mesh.local_devices)
+  for leaf in jax.tree.leaves(local_tree):
+    check_divides(np.shape(leaf)[0], local_devices, f"this process's rows (an array of shape {np.shape(leaf)})")
   return jax.tree.map(lambda leaf: jax.make_array_from_process_local_data(sharding, np.asarray(leaf)), local_tree)
 
 

@@ -25,7 +25,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 __all__ = [
-    "new_run_dir", "write_json", "to_jsonable", "MetricsLog", "Units", "open_run", "writes", "pyplot", "save_figure",
+    "new_run_dir", "write_json", "save_npz", "to_jsonable", "MetricsLog", "Units", "open_run", "writes", "pyplot",
+    "save_figure",
     "environment", "compiled_memory_mb",
 ]
 
@@ -55,9 +56,25 @@ def _umask() -> int:
 
 def writes() -> bool:
   """Whether this process writes results: always with one process, only process 0 with several."""
+  from metasel import parallel
+
+  return parallel.is_main_process()
+
+
+def _agreed(flag: bool, what: str) -> bool:
+  """`flag`, checked to be the same on every process (one collective); a clear error on all of them where not."""
   import jax
 
-  return jax.process_index() == 0
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+
+  flags = np.asarray(multihost_utils.process_allgather(np.asarray(flag, np.int32)))
+  if flags.min() != flags.max():
+    raise ValueError(
+        f"processes disagree on {what} (per process: {flags.tolist()}); expected one run folder that every process sees"
+    )
+  return flag
 
 
 def _write_atomic(path: Path, write: Callable[[Any], None], mode: str) -> None:
@@ -92,15 +109,29 @@ def new_run_dir(root: str | os.PathLike, experiment: str, run_id: str | None = N
   if run_id is None:
     run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
   path = Path(root) / experiment / run_id
-  if not writes():
-    return path
-  try:
-    path.mkdir(parents=True, exist_ok=False)
-  except FileExistsError:
+  created = False
+  if writes():
+    try:
+      path.mkdir(parents=True, exist_ok=False)
+      created = True
+    except FileExistsError:
+      pass
+  if not _created_everywhere(created):
     raise FileExistsError(
         f"run folder {path} already exists; choose another run id (existing results are never overwritten)"
-    ) from None
+    )
   return path
+
+
+def _created_everywhere(created: bool) -> bool:
+  """Process 0's `created`, told to every process (so that all of them stop when it could not make the folder)."""
+  import jax
+
+  if jax.process_count() == 1:
+    return created
+  from jax.experimental import multihost_utils
+
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(created, np.int32)))
 
 
 class MetricsLog:
@@ -108,7 +139,8 @@ class MetricsLog:
 
   def __init__(self, path: str | os.PathLike):
     self.path = Path(path)
-    self.path.parent.mkdir(parents=True, exist_ok=True)
+    if writes():
+      self.path.parent.mkdir(parents=True, exist_ok=True)
 
   def write(self, record: dict[str, Any]) -> None:
     self.write_lines([line_of(record)])
@@ -120,9 +152,11 @@ class MetricsLog:
         f.write("".join(line + "\n" for line in lines))
 
   def lines(self) -> list[str]:
+    """The file's lines as written (none when it does not exist yet)."""
     return self.path.read_text().splitlines() if self.path.exists() else []
 
   def read(self) -> list[dict[str, Any]]:
+    """Every record; a line that is not JSON is an error naming its line number."""
     records = []
     for number, line in enumerate(self.lines(), 1):
       if not line.strip():
@@ -144,15 +178,18 @@ class Units:
 
   `run(key, compute)` calls `compute(log)` once per key over the life of the folder: a unit found
   finished returns its stored result without computing. A unit's lines reach `metrics.jsonl` when it
-  finishes, after its result is stored; a run killed in between gets them appended when it resumes, so
-  the file ends with every finished unit's lines exactly once and never any of an unfinished one.
+  finishes, after its result is stored, so the file holds exactly the finished units' lines in the order
+  they finished; opening the folder again restores that (`_reconcile_metrics`). With several processes,
+  every one must see the folder, and all of them agree on each unit before computing it.
   """
 
   def __init__(self, out_dir: str | os.PathLike, metrics: MetricsLog):
     self.dir = Path(out_dir) / "units"
     self.metrics = metrics
-    self._count = len(self.finished())
-    self._append_missing_lines()
+    finished = self.finished()
+    self._count = len(finished)
+    if writes():
+      _reconcile_metrics(metrics, [line for unit in finished for line in unit["lines"]])
 
   def path(self, key: str) -> Path:
     """The unit's file: a readable slug of the key and a short hash (keys may hold paths)."""
@@ -164,15 +201,10 @@ class Units:
     units = [pickle.loads(path.read_bytes()) for path in self.dir.glob("*.pkl")] if self.dir.exists() else []
     return sorted(units, key=lambda unit: unit["index"])
 
-  def _append_missing_lines(self) -> None:
-    present = set(self.metrics.lines())
-    for unit in self.finished():
-      self.metrics.write_lines([line for line in unit["lines"] if line not in present])
-
   def run(self, key: str, compute: Callable[[Callable[[dict[str, Any]], None]], T]) -> T:
     """`compute(log)`'s result for this key, stored on first completion; `log` collects its metrics records."""
     path = self.path(key)
-    if path.exists():
+    if _agreed(path.exists(), f"whether unit {key!r} is finished"):
       unit = pickle.loads(path.read_bytes())
       if unit["key"] != key:
         raise ValueError(f"{path} holds unit {unit['key']!r}, not {key!r}; the run folder's units/ is corrupt")
@@ -187,6 +219,24 @@ class Units:
     return result
 
 
+def _reconcile_metrics(metrics: MetricsLog, expected: list[str]) -> None:
+  """Make `metrics.jsonl` the finished units' lines: append those a kill kept from it; a file that is not a
+  prefix of them (a line cut short by the kill) is kept beside it as `metrics.jsonl.before-resume-N`."""
+  present = metrics.lines()
+  if present == expected[: len(present)]:
+    metrics.write_lines(expected[len(present):])
+    return
+  number = 1 + len(list(metrics.path.parent.glob(f"{metrics.path.name}.before-resume-*")))
+  os.replace(metrics.path, metrics.path.with_name(f"{metrics.path.name}.before-resume-{number}"))
+  _write_atomic(metrics.path, lambda f: f.write("".join(line + "\n" for line in expected)), "w")
+
+
+def save_npz(path: str | os.PathLike, **arrays) -> None:
+  """Write `arrays` as a compressed .npz to `path` atomically (process 0 only)."""
+  if writes():
+    _write_atomic(Path(path), lambda f: np.savez_compressed(f, **arrays), "wb")
+
+
 def open_run(out_dir: str | os.PathLike, config: Any) -> tuple[MetricsLog, Units]:
   """Start or resume an experiment's run folder: its config, metrics log and finished units.
 
@@ -196,7 +246,7 @@ def open_run(out_dir: str | os.PathLike, config: Any) -> tuple[MetricsLog, Units
   out_dir = Path(out_dir)
   config_path = out_dir / "config.json"
   text = _json_text(config)
-  if config_path.exists():
+  if _agreed(config_path.exists(), f"whether {config_path} exists"):
     if config_path.read_text() != text:
       raise ValueError(
           f"{out_dir} was started with another configuration ({config_path}); expected the same settings to resume it"
