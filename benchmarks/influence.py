@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metasel import core, influence, models, persample, runs, selection, signals, train
-from timing import compiled_memory, time_ms
+from timing import MODEL_SIZES, compiled_memory, time_ms
 
 LEARNING_RATE = 1e-3
 VAL_BATCH = 32
@@ -62,15 +62,6 @@ TARGETS = {
 # --quick compiles with XLA's cheapest settings: a smoke test of the code paths, whose times mean nothing,
 # spends most of its time compiling 8 training loops and 10 scorers.
 QUICK_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-# Full settings, and the --quick smoke-test sizes (same code paths, tiny shapes).
-FULL = {
-    "mlp": {"input_dim": 2000, "hidden": (128, 128), "batch": 128},
-    "transformer": {"vocab": 20000, "width": 64, "depth": 2, "heads": 4, "length": 64, "batch": 128},
-}
-QUICK = {
-    "mlp": {"input_dim": 64, "hidden": (16, 16), "batch": 16},
-    "transformer": {"vocab": 100, "width": 16, "depth": 1, "heads": 2, "length": 16, "batch": 16},
-}
 
 
 def _init(model, key, input_shape, dtype=jnp.float32):
@@ -212,7 +203,7 @@ def main() -> None:
   args = parser.parse_args()
   if args.quick:  # before JAX starts its backend, which reads the flags once
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {QUICK_XLA_FLAGS}".strip()
-  sizes, target_ms = (QUICK, 5.0) if args.quick else (FULL, 50.0)
+  sizes, target_ms = (MODEL_SIZES["quick"], 5.0) if args.quick else (MODEL_SIZES["full"], 50.0)
   if args.quick:
     args.rounds, args.steps, args.transformer_steps = 2, 2, 2
   steps = {"mlp": args.steps, "transformer": args.transformer_steps}

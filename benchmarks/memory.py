@@ -51,6 +51,7 @@ import numpy as np
 import optax
 
 from metasel import core, models, mts, persample, runs
+from timing import MODEL_SIZES
 
 LEARNING_RATE = 1e-3
 VAL_BATCH = 32
@@ -59,14 +60,6 @@ MTS_STEPS = (1, 5)
 QUICK_XLA_FLAGS = (
     "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false"
 )
-FULL = {
-    "mlp": {"input_dim": 2000, "hidden": (128, 128), "batch": 128},
-    "transformer": {"vocab": 20000, "width": 64, "depth": 2, "heads": 4, "length": 64, "batch": 128},
-}
-QUICK = {
-    "mlp": {"input_dim": 64, "hidden": (16, 16), "batch": 16},
-    "transformer": {"vocab": 100, "width": 16, "depth": 1, "heads": 2, "length": 16, "batch": 16},
-}
 CHUNKS = {"full": (8, 32), "quick": (2, 4)}  # chunk sizes at B; the last is the fixed chunk across batches
 NOTES = [
     (
@@ -327,7 +320,7 @@ def main() -> None:
   args = parser.parse_args()
   if args.quick:  # before JAX starts its backend, which reads the flags once
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {QUICK_XLA_FLAGS}".strip()
-  sizes, chunks = (QUICK, CHUNKS["quick"]) if args.quick else (FULL, CHUNKS["full"])
+  sizes, chunks = (MODEL_SIZES["quick"], CHUNKS["quick"]) if args.quick else (MODEL_SIZES["full"], CHUNKS["full"])
   if args.measure:
     name, program = args.measure.split(":", 1)
     s = sizes[name]
