@@ -9,7 +9,6 @@ started with; `--devices N` splits batches over N devices; `--coordinator ADDR -
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import re
@@ -149,10 +148,11 @@ def _mesh(args):
   return parallel.data_mesh(args.devices)
 
 
-def _set_mesh(mesh):
-  import jax
+def _use_mesh(mesh):
+  """`parallel.use_mesh`, imported here so that JAX starts only after `_start_devices`."""
+  from metasel import parallel
 
-  return jax.set_mesh(mesh)
+  return parallel.use_mesh(mesh)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"metasel: error: {err}", file=sys.stderr)
     return 2
   print(f"metasel: {'resuming' if args.resume else 'running'} {args.name} -> {out_dir}", file=sys.stderr)
-  with contextlib.nullcontext() if mesh is None else _set_mesh(mesh):
+  with _use_mesh(mesh):
     summary = module.run(config, out_dir)
   if runs.writes():
     print(summary.get("table", ""))

@@ -191,7 +191,6 @@ def probe(
   probes are split over its devices (K must divide over them).
   """
   # The K probes are split over the ambient data mesh (a no-op on one device).
-  rows = parallel.constrain_rows(rows, "num_samples (the DVN's K probes)")
   x, y = parallel.constrain_rows((ctx.train_x[rows], ctx.train_y[rows]), "num_samples (the DVN's K probes)")
   recorded = persample.record(model, ctx.params, x, y, loss_fn)
   probed = features.from_tape(ctx.params, recorded, x, y, rows)  # (K, F)

@@ -16,7 +16,6 @@ reuses it for a new but equal gradient function (the same code with equal captur
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -269,10 +268,9 @@ def sweep(
       raise ValueError(f"batch size {b} exceeds the pool of {pool} rows in data; expected at most {pool}")
   grad_fn = StaticCallable(grad_fn, name="grad_fn")
   draw_batch = StaticCallable(draw_batch, name="draw_batch")
-  if mesh is not None:
-    params, data, key = parallel.replicate((params, data, key), mesh)
+  params, data, key = parallel.replicate((params, data, key), mesh)
   results = {}
-  with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+  with parallel.use_mesh(mesh):
     for b in batch_sizes:
       g = _measure_drawn(
           grad_fn, params, data, key, batch_size=int(b), num_batches=int(num_batches), draw_batch=draw_batch,

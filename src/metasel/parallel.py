@@ -12,6 +12,7 @@ Several hosts: call `initialize` first on every host; each loads its own rows (`
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +27,8 @@ __all__ = [
     "replicated",
     "row_sharded",
     "replicate",
+    "replicated_outputs",
+    "use_mesh",
     "shard_rows",
     "global_rows",
     "constrain_rows",
@@ -110,9 +113,21 @@ def _put(tree: Any, sharding: NamedSharding) -> Any:
   return jax.tree.map(put, tree)
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-  """`tree`'s leaves copied whole onto every device of `mesh` (with several processes: from equal copies)."""
-  return _put(tree, replicated(mesh))
+def replicate(tree: Any, mesh: Mesh | None) -> Any:
+  """`tree`'s leaves copied whole onto every device of `mesh` (with several processes: from equal copies);
+  `tree` as it is without a mesh."""
+  return tree if mesh is None else _put(tree, replicated(mesh))
+
+
+def replicated_outputs(mesh: Mesh | None) -> dict[str, Any]:
+  """`jax.jit` options pinning a program's outputs replicated on `mesh` (none without a mesh), the shardings
+  `replicate` gives its inputs, so that feeding the outputs back in reuses the compiled program."""
+  return {} if mesh is None else {"out_shardings": replicated(mesh)}
+
+
+def use_mesh(mesh: Mesh | None):
+  """`jax.set_mesh(mesh)` as a context, or a context that does nothing without a mesh."""
+  return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 def shard_rows(tree: Any, mesh: Mesh, axis: int = 0) -> Any:

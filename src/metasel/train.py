@@ -9,7 +9,6 @@ Python side only logs metrics, shows progress, saves checkpoints and stops on a 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -188,7 +187,6 @@ def make_epoch(
       batch_indices = sampling.weighted_batches(batch_key, method.probs(state.method_state), batch_indices.shape[0], 1)[0]
     # The batch axis is split over the ambient data mesh (a no-op on one device); batch-level sums and
     # softmaxes then run over the global batch, with the all-reduces inserted by jit's partitioner.
-    batch_indices = parallel.constrain_rows(batch_indices, "batch_size")
     batch = core.Batch(batch_indices, train_x[batch_indices], train_y[batch_indices], groups[0][batch_indices] if groups else None)
     batch = parallel.constrain_rows(batch, "batch_size")
     val_rows = core.validation_rows(val_key, val_x.shape[0], val_batch_size)
@@ -262,9 +260,7 @@ def _compiled_epoch(model: Model, loss_fn, update: Callable, method: core.Method
   """
   tx = optax.GradientTransformation(_no_init, update)  # the epoch only updates; `fit` initialises the state
   epoch = make_epoch(model, loss_fn, tx, method, val_batch_size, track)
-  if mesh is None:
-    return jax.jit(epoch, donate_argnums=0)
-  return jax.jit(epoch, donate_argnums=0, out_shardings=parallel.replicated(mesh))
+  return jax.jit(epoch, donate_argnums=0, **parallel.replicated_outputs(mesh))
 
 
 def _no_init(params):
@@ -273,8 +269,7 @@ def _no_init(params):
 
 @functools.lru_cache(maxsize=8)
 def _compiled_evaluate(model: Model, loss_fn, mesh):
-  shardings = {} if mesh is None else {"out_shardings": parallel.replicated(mesh)}
-  return jax.jit(lambda p, x, y: evaluate(model, loss_fn, p, x, y), **shardings)
+  return jax.jit(lambda p, x, y: evaluate(model, loss_fn, p, x, y), **parallel.replicated_outputs(mesh))
 
 
 def progress_enabled() -> bool:
@@ -375,8 +370,7 @@ def fit(
       jnp.asarray(a) for a in (dataset.train.x, dataset.train.y, dataset.val.x, dataset.val.y, dataset.train.groups)
   )
   splits = {name: (jnp.asarray(getattr(dataset, name).x), jnp.asarray(getattr(dataset, name).y)) for name in ("val", "test")}
-  place = (lambda tree: tree) if mesh is None else functools.partial(parallel.replicate, mesh=mesh)
-  state, data, splits = place(state), place(data), place(splits)
+  state, data, splits = parallel.replicate((state, data, splits), mesh)
   # The epoch never calls `init`, so methods that differ only in their initial state share it.
   stepper = method._replace(init=None)
   epoch_fn = _compiled_epoch(model, loss_fn, tx.update, stepper, config.val_batch_size, config.track_dynamics, mesh)
@@ -391,9 +385,10 @@ def fit(
       len(history), config.epochs, initial=len(history), total=config.epochs,
       desc=method.name, disable=not progress_enabled() or not parallel.is_main_process(), leave=False,
   )
-  with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+  with parallel.use_mesh(mesh):
     for epoch in bar:
-      batches = place(sampling.epoch_batches(jax.random.fold_in(order_key, epoch), len(dataset.train), config.batch_size))
+      batches = sampling.epoch_batches(jax.random.fold_in(order_key, epoch), len(dataset.train), config.batch_size)
+      batches = parallel.replicate(batches, mesh)
       state, step_metrics = epoch_fn(state, data, batches)
       step_metrics = jax.device_get(step_metrics)
       record = _epoch_record(epoch, state, step_metrics, eval_fn, splits)
