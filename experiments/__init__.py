@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 REGISTRY = {
+    "controllers": "metasel_experiments.controllers",
     "dvn-sine": "metasel_experiments.dvn_sine",
     "dvn-text": "metasel_experiments.dvn_text",
     "gsnr-sweep": "metasel_experiments.gsnr_sweep",

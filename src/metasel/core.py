@@ -110,7 +110,7 @@ class Method(NamedTuple):
   Attributes:
     init: `(key, num_train) -> state`.
     weights: `(state, ctx) -> (weights (B,), carry, metrics)`: non-negative per-sample weights summing to
-      one for the model's step, anything `update` needs from this step (any pytree, e.g. `()`), and
+      one for the model's step (importance weights that make the step unbiased sum to one in expectation), anything `update` needs from this step (any pytree, e.g. `()`), and
       scalar metrics to log. It does not change the state.
     update: `(state, ctx, result, carry) -> (state, metrics)`: the step's one state transition, after the
       model's step; returns the state in the structure `init` gives.
@@ -153,7 +153,8 @@ def uniform() -> Method:
 
 
 def weight_diagnostics(weights: jax.Array) -> Metrics:
-  """Effective batch size 1/sum p_i^2, max p_i and Var(p_i) of normalised weights p (B,)."""
+  """Effective batch size 1/sum p_i^2, max p_i and Var(p_i) of weights p (B,); importance weights, which sum to
+  one only in expectation, are taken as they are."""
   return {
       "effective_batch_size": 1.0 / jnp.sum(jnp.square(weights)),
       "max_weight": jnp.max(weights),

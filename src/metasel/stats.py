@@ -1,4 +1,5 @@
-"""Summaries across seeds: mean with a Student-t confidence interval, its verdict, an equivalence test, and AUC."""
+"""Summaries across seeds: mean with a Student-t confidence interval, its verdict, equivalence and superiority tests
+of paired differences with Holm's correction, the seeds an equivalence test needs, and AUC."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ from typing import NamedTuple
 import numpy as np
 import scipy.stats
 from sklearn.metrics import roc_auc_score
+from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.weightstats import DescrStatsW
 
 from metasel import checks
 
-__all__ = ["Interval", "mean_ci", "verdict", "tost", "auc"]
+__all__ = [
+    "Interval", "mean_ci", "verdict", "tost", "one_sided_p", "holm", "VERDICTS", "comparison_verdict", "tost_power",
+    "tost_seeds", "auc",
+]
 
 
 class Interval(NamedTuple):
@@ -73,6 +78,79 @@ def tost(differences, margin: float, alpha: float = 0.05) -> dict[str, float | b
   else:
     p = float(DescrStatsW(values).ttost_mean(-margin, margin)[0])
   return {"margin": float(margin), "p": p, "equivalent": bool(np.isfinite(p) and p < alpha)}
+
+
+def one_sided_p(differences, alternative: str = "greater") -> float:
+  """p-value of a one-sided one-sample t-test that paired differences have mean > 0 ("greater") or < 0 ("less").
+
+  NaN entries are dropped; NaN with fewer than 2 values; for constant values 0 or 1 by their sign.
+  """
+  checks.check_choice("alternative", alternative, ("greater", "less"))
+  values = np.asarray(differences, np.float64).ravel()
+  values = values[np.isfinite(values)]
+  if values.size < 2:
+    return float("nan")
+  if np.all(values == values[0]):
+    return float(values[0] <= 0) if alternative == "greater" else float(values[0] >= 0)
+  return float(scipy.stats.ttest_1samp(values, 0.0, alternative=alternative).pvalue)
+
+
+def holm(pvalues, alpha: float = 0.05) -> np.ndarray:
+  """Holm-adjusted p-values (statsmodels' `multipletests`) of a family; NaN entries stay NaN and are not counted."""
+  p = np.asarray(pvalues, np.float64)
+  adjusted = np.full(p.shape, np.nan)
+  finite = np.isfinite(p)
+  if finite.any():
+    adjusted[finite] = multipletests(p[finite], alpha=alpha, method="holm")[1]
+  return adjusted
+
+
+VERDICTS = ("beats uniform", "equivalent to uniform", "worse", "inconclusive")
+
+
+def comparison_verdict(superior_p: float, inferior_p: float, tost_p: float, alpha: float = 0.05) -> str:
+  """One of `VERDICTS` from (Holm-adjusted) one-sided p-values and the TOST p-value of a paired difference.
+
+  Equivalence (the (1 - 2 alpha) interval inside the margin) comes first: a significant difference smaller
+  than the margin fixed in advance is not one that matters. Then a significant gain ("beats uniform") or
+  loss ("worse"); otherwise the seeds cannot tell ("inconclusive").
+  """
+  if np.isfinite(tost_p) and tost_p < alpha:
+    return VERDICTS[1]
+  if np.isfinite(superior_p) and superior_p < alpha:
+    return VERDICTS[0]
+  if np.isfinite(inferior_p) and inferior_p < alpha:
+    return VERDICTS[2]
+  return VERDICTS[3]
+
+
+def tost_power(n: int, sd: float, margin: float, alpha: float = 0.05) -> float:
+  """Approximate power of a paired TOST with n pairs when the true difference is 0 (noncentral t, scipy).
+
+  Power = 2 P(T' > t_{1-alpha, n-1}) - 1 with T' noncentral t of n - 1 degrees of freedom and
+  noncentrality margin / (sd / sqrt(n)), clipped at 0 (Julious 2004).
+  """
+  checks.check_int("n", n, minimum=2)
+  checks.check_positive("margin", margin)
+  if not np.isfinite(sd) or sd < 0:
+    return float("nan")
+  if sd == 0:
+    return 1.0
+  critical = scipy.stats.t.ppf(1 - alpha, n - 1)
+  tail = scipy.stats.nct.sf(critical, n - 1, margin / (sd / np.sqrt(n)))
+  return float(max(0.0, 2 * tail - 1))
+
+
+def tost_seeds(sd: float, margin: float, alpha: float = 0.05, power: float = 0.8, most: int = 1000) -> int | None:
+  """The fewest pairs (seeds) for `tost_power` >= power given the spread `sd` of paired differences; None above `most`
+  or when the spread is not a finite number."""
+  checks.check_float("power", power, maximum=1.0)
+  if not np.isfinite(sd):
+    return None
+  for n in range(2, most + 1):
+    if tost_power(n, sd, margin, alpha) >= power:
+      return n
+  return None
 
 
 def auc(scores, positive) -> float:

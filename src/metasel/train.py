@@ -105,7 +105,8 @@ class TrainConfig:
   """Settings of one training run.
 
   Attributes:
-    epochs: passes over the training pool (an epoch is `len(train) // batch_size` steps).
+    epochs: evaluation periods; each is one pass over the training pool (`len(train) // batch_size` steps)
+      unless `steps_per_epoch` says otherwise.
     batch_size: samples per step.
     val_batch_size: clean validation samples a method sees per step.
     optimizer: "sgd", "momentum", "adam", or any optax `GradientTransformation` (e.g.
@@ -113,6 +114,10 @@ class TrainConfig:
     learning_rate: the named optimizer's step size (default 1e-3); None with a transformation.
     seed: seeds parameters, batch order and the method.
     track_dynamics: keep the per-sample training-dynamics tracker (`signals.tracker_update`) in the loop.
+    steps_per_epoch: steps between evaluations (and checkpoints); default one pass over the pool,
+      `len(train) // batch_size`. Batches still walk the pool in shuffled passes
+      (`sampling.pass_batches`), so a method's batch size (e.g. a presample) need not change the
+      evaluation points.
   """
 
   epochs: int = 10
@@ -122,11 +127,13 @@ class TrainConfig:
   learning_rate: float | None = None
   seed: int = 0
   track_dynamics: bool = True
+  steps_per_epoch: int | None = None
 
   def check(self, dataset: Dataset) -> None:
     """Raise a clear ValueError for settings this dataset cannot support, before any compute."""
     for name in ("epochs", "batch_size", "val_batch_size"):
       checks.check_int(name, getattr(self, name))
+    checks.check_int("steps_per_epoch", self.steps_per_epoch, allow_none=True)
     checks.check_seed(self.seed)
     for name, split in (("batch_size", dataset.train), ("val_batch_size", dataset.val)):
       if getattr(self, name) > len(split):
@@ -140,6 +147,8 @@ class TrainConfig:
   def describe(self) -> dict[str, Any]:
     """The settings as JSON-ready values (a custom optax optimiser is named by its type only)."""
     settings = dataclasses.asdict(self)
+    if self.steps_per_epoch is None:
+      del settings["steps_per_epoch"]  # the default, as in checkpoints written before the field existed
     if not isinstance(self.optimizer, str):
       settings["optimizer"] = f"optax:{type(self.optimizer).__name__}"
     return settings
@@ -323,6 +332,14 @@ def _check_finite_loss(step_metrics: dict, state: LoopState, epoch: int) -> None
     )
 
 
+def _epoch_indices(order_key: jax.Array, epoch: int, num_train: int, config: TrainConfig) -> jax.Array:
+  """The uniform batches (S, B) of one epoch: a shuffled pass, or `steps_per_epoch` steps of a stream of passes."""
+  if config.steps_per_epoch is None:
+    return sampling.epoch_batches(jax.random.fold_in(order_key, epoch), num_train, config.batch_size)
+  steps = config.steps_per_epoch
+  return sampling.pass_batches(order_key, num_train, config.batch_size, epoch * steps, steps)
+
+
 def fit(
     model: ModelLike,
     dataset: Dataset,
@@ -387,7 +404,7 @@ def fit(
   )
   with parallel.use_mesh(mesh):
     for epoch in bar:
-      batches = sampling.epoch_batches(jax.random.fold_in(order_key, epoch), len(dataset.train), config.batch_size)
+      batches = _epoch_indices(order_key, epoch, len(dataset.train), config)
       batches = parallel.replicate(batches, mesh)
       state, step_metrics = epoch_fn(state, data, batches)
       step_metrics = jax.device_get(step_metrics)

@@ -9,7 +9,7 @@ Text sources give TF-IDF features, or int32 token ids with `representation="toke
 
 from metasel.data import arrays, readers, sampling, sources, synthetic, text
 from metasel.data.dataset import CLEAN_TIER, REAL_GROUP, SYNTHETIC_GROUP, Dataset, Split
-from metasel.data.sampling import epoch_batches, weighted_batches
+from metasel.data.sampling import epoch_batches, pass_batches, weighted_batches
 from metasel.data.arrays import from_arrays, stratified_subsets
 from metasel.data.sources import load
 
@@ -20,6 +20,7 @@ __all__ = [
     "SYNTHETIC_GROUP",
     "Split",
     "epoch_batches",
+    "pass_batches",
     "arrays",
     "from_arrays",
     "load",

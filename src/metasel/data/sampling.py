@@ -31,6 +31,24 @@ def epoch_batches(key: jax.Array, num_samples: int, batch_size: int, *, drop_las
   return padded[: num_batches * batch_size].reshape(num_batches, batch_size)
 
 
+def pass_batches(key: jax.Array, num_samples: int, batch_size: int, first_step: int, num_steps: int) -> jax.Array:
+  """Steps [first_step, first_step + num_steps) of a stream of uniform passes: (num_steps, batch_size) int32.
+
+  Pass p is `epoch_batches(fold_in(key, p), ...)`; so with `num_steps` = num_samples // batch_size and
+  `first_step` = e num_steps, this is the e-th uniform epoch, and evaluation periods of any length still
+  walk the pool in shuffled passes.
+  """
+  check_int("num_steps", num_steps)
+  check_int("first_step", first_step, minimum=0)
+  if not 1 <= batch_size <= num_samples:
+    raise ValueError(f"batch_size={batch_size} must lie in [1, num_samples={num_samples}]")
+  per_pass = num_samples // batch_size
+  first, last = first_step // per_pass, (first_step + num_steps - 1) // per_pass
+  passes = [epoch_batches(jax.random.fold_in(key, p), num_samples, batch_size) for p in range(first, last + 1)]
+  offset = first_step - first * per_pass
+  return jnp.concatenate(passes)[offset : offset + num_steps]
+
+
 def weighted_batches(
     key: jax.Array, probs: jax.Array, batch_size: int, num_batches: int, *, replace: bool = True
 ) -> jax.Array:
