@@ -19,7 +19,8 @@ from metasel.controllers.curriculum import CurriculumState, available_probs, cur
 from metasel.controllers.infobatch import InfoBatchState, infobatch
 from metasel.controllers.rescoring import RescoringState, entropy_rescoring, random_scores, rescoring
 from metasel.controllers.scores import (
-    BATCH_SIGNALS, DYNAMICS_SIGNALS, SIGNALS, ScoreTable, annealed_pressure, output_grad_norm, pacing, rank_probs,
+    BATCH_SIGNALS, DYNAMICS_SIGNALS, POOL_SIGNALS, SIGNALS, ScoreTable, annealed_pressure, output_grad_norm, pacing,
+    pool_signal, rank_probs,
 )
 from metasel.controllers.weighting import (
     ImportanceState, importance_sampling, importance_weights, loss_weighting, variance_reduction,
@@ -29,6 +30,6 @@ __all__ = [
     "curriculum", "random_order_curriculum", "rescoring", "entropy_rescoring", "random_scores",
     "importance_sampling", "loss_weighting", "infobatch", "importance_weights", "variance_reduction",
     "pacing", "annealed_pressure", "rank_probs", "available_probs", "output_grad_norm", "SIGNALS",
-    "BATCH_SIGNALS", "DYNAMICS_SIGNALS", "ScoreTable", "CurriculumState", "RescoringState", "ImportanceState",
+    "BATCH_SIGNALS", "DYNAMICS_SIGNALS", "POOL_SIGNALS", "pool_signal", "ScoreTable", "CurriculumState", "RescoringState", "ImportanceState",
     "InfoBatchState",
 ]
