@@ -16,9 +16,8 @@ own work weighs most against the model's; `by_scale` gives every scale's epoch s
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
-import time
 
 import numpy as np
 
@@ -26,6 +25,7 @@ from metasel import data, runs, train
 from metasel_experiments import controllers as experiment
 from metasel_experiments import controllers_arms as arms_lib
 from metasel_experiments import make_model, shared_data, with_representation
+import timing
 
 BATCH_SIZE = 32
 FULL = {"n_train": 2000, "n_val": 200, "n_test": 200, "max_features": 2000, "max_length": 48, "vocab_size": 5000}
@@ -47,16 +47,13 @@ def epoch_seconds(model, dataset: data.Dataset, scale: arms_lib.Scale, arms, epo
   settings = arms_lib.ArmSettings()
   plan = arms_lib.budget(len(dataset.train), BATCH_SIZE, epochs, epochs)  # one evaluation per pass
   pilot = np.random.default_rng(0).random(len(dataset.train))
-  samples = {arm: [] for arm in arms}
-  for _ in range(rounds):
-    for arm in arms:
-      stamps = []
-      method = arms_lib.make_arm(arm, settings, plan, BATCH_SIZE, pilot)
-      config = arms_lib.train_config(arm, settings, plan, BATCH_SIZE, scale, 0)
-      stamp = lambda r, stamps=stamps: "epoch" in r and stamps.append(time.perf_counter())
-      train.fit(model, dataset, config, method, log=stamp, log_every=10**9)
-      samples[arm].extend(later - earlier for earlier, later in zip(stamps, stamps[1:]))
-  return {arm: statistics.median(times) for arm, times in samples.items()}
+
+  def fit(arm, log):
+    method = arms_lib.make_arm(arm, settings, plan, BATCH_SIZE, pilot)
+    config = arms_lib.train_config(arm, settings, plan, BATCH_SIZE, scale, 0)
+    train.fit(model, dataset, config, method, log=log, log_every=10**9)
+
+  return timing.epoch_seconds({arm: functools.partial(fit, arm) for arm in arms}, rounds)
 
 
 def main() -> None:

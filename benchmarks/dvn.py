@@ -27,14 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
 from metasel import core, data, dvn, models, persample, runs, train
 from metasel_experiments import shared_data
-from timing import time_ms
+from timing import epoch_seconds, time_ms
 
 AG_NEWS = "ag_news/test.csv"
 HIDDEN = (128, 128)
@@ -117,18 +116,8 @@ def epoch_times(model, dataset: data.Dataset, methods: dict[str, core.Method], e
       epochs=epochs, batch_size=BATCH_SIZE, val_batch_size=VAL_BATCH_SIZE, optimizer="adam", learning_rate=1e-3, seed=0,
       track_dynamics=False,
   )
-  samples = {name: [] for name in methods}
-  for _ in range(rounds):
-    for name, method in methods.items():
-      stamps = []
-
-      def log(record, stamps=stamps):
-        if "epoch" in record:
-          stamps.append(time.perf_counter())
-
-      train.fit(model, dataset, config, method, log=log)
-      samples[name].extend(later - earlier for earlier, later in zip(stamps, stamps[1:]))
-  return {name: statistics.median(times) for name, times in samples.items()}
+  fits = {name: lambda log, method=method: train.fit(model, dataset, config, method, log=log) for name, method in methods.items()}
+  return epoch_seconds(fits, rounds)
 
 
 def main() -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -20,6 +23,18 @@ MODEL_SIZES = {
         "transformer": {"vocab": 100, "width": 16, "depth": 1, "heads": 2, "length": 16, "batch": 16},
     },
 }
+
+
+def epoch_seconds(fits: dict[str, Callable[[Callable[[dict], None]], Any]], rounds: int) -> dict[str, float]:
+  """Median seconds per epoch of each `fit(log)` (a `train.fit` call logging through `log`), over `rounds`
+  interleaved rounds: the time between consecutive per-epoch records, the first epoch (compilation) left out."""
+  samples = {name: [] for name in fits}
+  for _ in range(rounds):
+    for name, fit in fits.items():
+      stamps = []
+      fit(lambda record, stamps=stamps: "epoch" in record and stamps.append(time.perf_counter()))
+      samples[name].extend(later - earlier for earlier, later in zip(stamps, stamps[1:]))
+  return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def time_ms(fn, args, inner: int) -> float:

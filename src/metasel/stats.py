@@ -60,6 +60,12 @@ def verdict(interval: Interval | dict) -> str:
   return "no significant difference"
 
 
+def _finite(values) -> np.ndarray:
+  """The finite entries of `values`, flattened to float64 (the paired tests drop NaN seeds)."""
+  values = np.asarray(values, np.float64).ravel()
+  return values[np.isfinite(values)]
+
+
 def tost(differences, margin: float, alpha: float = 0.05) -> dict[str, float | bool]:
   """Two one-sided t-tests (Lakens 2017) that paired differences lie within (-margin, +margin).
 
@@ -69,8 +75,7 @@ def tost(differences, margin: float, alpha: float = 0.05) -> dict[str, float | b
   """
   checks.check_positive("margin", margin)
   checks.check_float("alpha", alpha, maximum=0.5)
-  values = np.asarray(differences, np.float64).ravel()
-  values = values[np.isfinite(values)]
+  values = _finite(differences)
   if values.size < 2:
     p = float("nan")
   elif np.all(values == values[0]):
@@ -86,8 +91,7 @@ def one_sided_p(differences, alternative: str = "greater") -> float:
   NaN entries are dropped; NaN with fewer than 2 values; for constant values 0 or 1 by their sign.
   """
   checks.check_choice("alternative", alternative, ("greater", "less"))
-  values = np.asarray(differences, np.float64).ravel()
-  values = values[np.isfinite(values)]
+  values = _finite(differences)
   if values.size < 2:
     return float("nan")
   if np.all(values == values[0]):

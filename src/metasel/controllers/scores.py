@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metasel import adapters, checks, persample, signals
+from metasel import adapters, checks, influence, persample, signals
 from metasel.core import Batch, StepContext
 
 __all__ = [
@@ -36,7 +36,7 @@ def output_grad_norm(outputs: jax.Array, targets: jax.Array, loss_fn: LossFn = p
 
   For softmax cross-entropy it equals EL2N, ||softmax(z_i) - onehot(y_i)||.
   """
-  grads = jax.grad(lambda o: jnp.sum(loss_fn(o, targets)))(outputs)  # (B, O): row i is d loss_i / d outputs_i
+  grads = influence.logit_grads(loss_fn, outputs, targets)  # (B, O): row i is d loss_i / d outputs_i
   return jnp.linalg.norm(grads.reshape(grads.shape[0], -1), axis=-1)
 
 
