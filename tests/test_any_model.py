@@ -14,7 +14,7 @@ import optax
 import pytest
 from zoo import CLASSES, NAMES, ZOO
 
-from metasel import core, data, dvn, mts, persample, train
+from metasel import controllers, core, data, dvn, mts, persample, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*take the slow vmap path")
 
@@ -60,6 +60,24 @@ def test_fit_runs_every_method_on_the_model(name):
     assert np.isfinite(record["train/loss"]), (name, method_name)
     assert 0.0 <= record["test/accuracy"] <= 1.0
     assert jax.tree.structure(result.state.params) == jax.tree.structure(case.params)
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), result.state.params, case.params)
+    assert any(jax.tree.leaves(changed)), (name, method_name)
+
+
+@pytest.mark.parametrize("name", ["nnx-mlp", "function"])
+def test_controllers_train_users_models(name):
+  """The controllers that touch the model (rescoring's pool refresh) or re-draw the batch (importance sampling)
+  train an NNX module and a plain function as they train metasel's models."""
+  case = ZOO[name]
+  dataset = _dataset(case)
+  params = case.params if name == "function" else None
+  methods = {
+      "rescoring-refresh": controllers.rescoring(total_steps=6, refresh_every=2, model=case.model),
+      "importance": controllers.importance_sampling(4, threshold=1.0),
+  }
+  for method_name, method in methods.items():
+    result = train.fit(case.model, dataset, CONFIG, method, params=params)
+    assert np.isfinite(result.history[-1]["train/loss"]), (name, method_name)
     changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), result.state.params, case.params)
     assert any(jax.tree.leaves(changed)), (name, method_name)
 
