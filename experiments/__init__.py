@@ -13,6 +13,7 @@ REGISTRY = {
     "controllers": "metasel_experiments.controllers",
     "dvn-sine": "metasel_experiments.dvn_sine",
     "dvn-text": "metasel_experiments.dvn_text",
+    "forecast-corpus": "metasel_experiments.forecast_corpus",
     "gsnr-sweep": "metasel_experiments.gsnr_sweep",
     "influence-selection": "metasel_experiments.influence_selection",
     "influence-fidelity": "metasel_experiments.influence_fidelity",

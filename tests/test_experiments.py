@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import runpy
 import subprocess
@@ -20,12 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", params=sorted(metasel_experiments.REGISTRY))
-def quick_run(request, tmp_path_factory) -> tuple[str, Path, str]:
+def quick_run(request, quick_runs) -> tuple[str, Path, str]:
   """Each experiment's quick run through the command line: its name, run folder and printed output."""
-  out, printed = tmp_path_factory.mktemp(request.param), io.StringIO()
-  with contextlib.redirect_stdout(printed):
-    assert cli.main(["run", request.param, "--quick", "--out", str(out), "--run-id", "t"]) == 0
-  return request.param, out / request.param / "t", printed.getvalue()
+  return request.param, *quick_runs(request.param)
 
 
 def test_experiment_quick_run_writes_results(quick_run):
@@ -58,6 +53,29 @@ def test_finished_quick_run_resumes_to_the_same_summary_without_computing(quick_
   assert after.keys() == before.keys()
   data_files = lambda files: {path: content for path, content in files.items() if not path.endswith(".png")}
   assert data_files(after) == data_files(before)  # figures are drawn again from the same summary
+
+
+@pytest.mark.parametrize("quick_run", ["forecast-corpus"], indirect=True)
+def test_forecast_command_on_a_finished_metasel_run(quick_run, capsys):
+  """`metasel forecast RUN_DIR` forecasts every run of a finished run folder: with the forecaster that folder
+  wrote, with one retrained on it, and with the shipped one."""
+  _, run_dir, _ = quick_run
+  runs_found = 16  # 2 datasets x 2 noise levels x 2 rates x 2 seeds
+  cases = [
+      (["--forecaster", str(run_dir / "forecaster.json"), "--features", "full"], "full features", "forecaster.json, trained on 16 runs"),
+      (["--corpus", str(run_dir)], "curve features", f"retrained on {run_dir}"),
+      ([], "curve features", "shipped with metasel"),
+  ]
+  for number, (extra, features, source) in enumerate(cases):
+    plot = run_dir.parent / f"forecast{number}.png"
+    assert cli.main(["forecast", str(run_dir), "--plot", str(plot), *extra]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("final accuracy at epoch") == runs_found
+    assert features in printed and source in printed
+    assert "dataset=mixture, hidden=16, lr=0.003, noise=0.0, seed=0" in printed
+    assert plot.stat().st_size > 0
+  assert cli.main(["forecast", str(run_dir), "--cutoff", "2", "--corpus", str(run_dir)]) == 2
+  assert "trained on cutoffs 4..7" in capsys.readouterr().err
 
 
 def test_dvn_text_trains_the_transformer_on_token_ids(tmp_path):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import metasel_experiments
+from conftest import copy_of
 from metasel_experiments import influence_common as common
 from metasel import stats, train
 
@@ -17,8 +18,9 @@ MODULE = metasel_experiments.get("influence-selection")
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-  out_dir = tmp_path_factory.mktemp("influence-selection")
+def quick_run(quick_runs, tmp_path_factory):
+  """The session's quick run (shared with test_experiments), copied, and its summary as `run` returns it."""
+  out_dir = copy_of(quick_runs("influence-selection")[0], tmp_path_factory.mktemp("influence-selection"))
   return MODULE.run(MODULE.get_config(quick=True), out_dir), out_dir
 
 

@@ -12,14 +12,16 @@ from pathlib import Path
 import pytest
 
 import metasel_experiments
+from conftest import copy_of
 from metasel import runs
 
 MODULE = metasel_experiments.get("mts-benchmark")
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-  out_dir = tmp_path_factory.mktemp("mts-benchmark")
+def quick_run(quick_runs, tmp_path_factory):
+  """The session's quick run (shared with test_experiments), copied, and its summary as `run` returns it."""
+  out_dir = copy_of(quick_runs("mts-benchmark")[0], tmp_path_factory.mktemp("mts-benchmark"))
   return MODULE.run(MODULE.get_config(quick=True), out_dir), out_dir
 
 

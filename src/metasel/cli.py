@@ -1,4 +1,4 @@
-"""Command line: `metasel run NAME`, `metasel report DIR`, `metasel list`.
+"""Command line: `metasel run NAME`, `metasel report DIR`, `metasel forecast PATH`, `metasel list`.
 
 `metasel run NAME --set key=value` overrides any config field (typed by the field, nested fields and
 dataset options by dotted paths); `--resume RUN_DIR` continues a killed run with the settings it was
@@ -53,6 +53,17 @@ def _parser() -> argparse.ArgumentParser:
   run.add_argument("--process-id", type=int, help="multi-host: this process's index")
   report = sub.add_parser("report", help="print the summary table of a run folder")
   report.add_argument("run_dir", type=Path)
+  forecast = sub.add_parser("forecast", help="forecast where runs are going from their per-epoch metrics")
+  forecast.add_argument("path", type=Path, help="a metasel run folder, or a .jsonl or .csv file of per-epoch metrics")
+  forecast.add_argument("--cutoff", type=int, help="forecast from this epoch (default: the last, within the forecaster's cutoffs)")
+  forecast.add_argument("--by", help="comma-separated columns that tell runs apart in a CSV (e.g. seed,lr)")
+  forecast.add_argument("--corpus", type=Path, help="retrain the forecaster on this forecast-corpus run folder instead of the shipped one")
+  forecast.add_argument("--forecaster", type=Path, help="a forecaster.json to use instead of the shipped one")
+  forecast.add_argument("--plot", type=Path, help="where to write the plot (default: forecast.png beside the metrics)")
+  forecast.add_argument(
+      "--features", default="curve", choices=("curve", "full"),
+      help="curve (default) or full: the curve and the per-sample summaries (signals/NAME columns)",
+  )
   sub.add_parser("list", help="list the experiments")
   return parser
 
@@ -168,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         raise FileNotFoundError(f"no summary.json in {args.run_dir}; expected a finished run folder")
       summary = json.loads(summary_path.read_text())
       print(summary.get("table") or json.dumps(summary, indent=2))
+      return 0
+    if args.command == "forecast":
+      from metasel.forecast import tool
+
+      by = tuple(c.strip() for c in args.by.split(",")) if args.by else None
+      print(tool.command(args.path, args.cutoff, by, args.corpus, args.forecaster, args.plot, args.features))
       return 0
     _start_devices(args)
     settings = _resumed_arguments(args) if args.resume else args

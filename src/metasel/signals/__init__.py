@@ -11,6 +11,8 @@ orthogonal to everything, and use `precision="highest"` so that duplicates reach
   of Learning a Meta-network for Training Data Selection") against a clean reference set.
 * `dynamics`: `TrackerState`, `tracker_init`, `tracker_update`, `tracker_summary` and
   `training_dynamics_features`, O(N) running moments rather than histories.
+* `summaries`: `pool_summary`, run-level scalars (quantiles, shares, spreads) of a pool's signals, to log
+  beside a learning curve.
 """
 
 from metasel.signals.dynamics import (
@@ -29,6 +31,7 @@ from metasel.signals.neighbours import (
     redundancy,
     topk_cosine_to_reference,
 )
+from metasel.signals.summaries import SUMMARY_NAMES, pool_summary
 from metasel.signals.outputs import el2n, embedding_norm, margin, predictive_entropy, true_class_prob
 
 __all__ = [
@@ -49,4 +52,6 @@ __all__ = [
     "tracker_update",
     "tracker_summary",
     "training_dynamics_features",
+    "SUMMARY_NAMES",
+    "pool_summary",
 ]

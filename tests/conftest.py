@@ -1,0 +1,36 @@
+"""Fixtures shared by test modules."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+
+from metasel import cli
+
+
+@pytest.fixture(scope="session")
+def quick_runs(tmp_path_factory):
+  """`quick_runs(name)`: the experiment's quick run through the command line, made once per session; its run
+  folder and printed output. Tests that change the folder take `copy_of` it."""
+  made: dict[str, tuple[Path, str]] = {}
+
+  def quick_run(name: str) -> tuple[Path, str]:
+    if name not in made:
+      out, printed = tmp_path_factory.mktemp(name), io.StringIO()
+      with contextlib.redirect_stdout(printed):
+        assert cli.main(["run", name, "--quick", "--out", str(out), "--run-id", "t"]) == 0
+      made[name] = (out / name / "t", printed.getvalue())
+    return made[name]
+
+  return quick_run
+
+
+def copy_of(run_dir: Path, into: Path) -> Path:
+  """A copy of a run folder, to change without touching the shared one."""
+  target = into / run_dir.name
+  shutil.copytree(run_dir, target)
+  return target
