@@ -29,6 +29,17 @@ def quick_runs(tmp_path_factory):
   return quick_run
 
 
+# Variants that repeat, op by op, a check the CI set keeps jitted: the transformer's eager runs (about 35 s) run
+# with -m slow.
+SLOW_VARIANTS = ("eager-transformer]",)
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if item.nodeid.endswith(SLOW_VARIANTS):
+      item.add_marker(pytest.mark.slow)
+
+
 def copy_of(run_dir: Path, into: Path) -> Path:
   """A copy of a run folder, to change without touching the shared one."""
   target = into / run_dir.name

@@ -78,6 +78,7 @@ def test_forecast_command_on_a_finished_metasel_run(quick_run, capsys):
   assert "trained on cutoffs 4..7" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the transformer's training is in the CI set through test_any_model
 def test_dvn_text_trains_the_transformer_on_token_ids(tmp_path):
   """`--model transformer` on AG News read as token ids, end to end."""
   module = metasel_experiments.get("dvn-text")
@@ -151,7 +152,12 @@ def test_existing_run_folder_is_kept(tmp_path, capsys):
   assert (tmp_path / "signals-report" / "t" / "old.txt").read_text() == "keep"
 
 
-@pytest.mark.parametrize("notebook", sorted((ROOT / "notebooks").glob("*.py")), ids=lambda p: p.name)
+# The MTS walkthrough (about 40 s) runs with -m slow; the CI set runs the others.
+@pytest.mark.parametrize(
+    "notebook",
+    [pytest.param(p, marks=[pytest.mark.slow] if p.name == "mts_walkthrough.py" else []) for p in sorted((ROOT / "notebooks").glob("*.py"))],
+    ids=lambda p: p.name,
+)
 def test_notebook_runs(notebook, monkeypatch):
   monkeypatch.setenv("METASEL_QUICK", "1")
   runpy.run_path(str(notebook), run_name="__main__")

@@ -3,6 +3,7 @@ permutation tests' calibration, the conditional permutation's bins, the shipped 
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -191,7 +192,7 @@ def _grouped_data(rng, n_groups=12, per_group=5, planted=False):
 def test_pipeline_permutation_p_is_uniform_on_shuffled_targets_and_small_on_a_planted_signal():
   rng = np.random.default_rng(0)
   pvalues = []
-  for _ in range(40):
+  for _ in range(30):
     x, y, groups = _grouped_data(rng)
     pvalues.append(validation.permutation_test(LinearRegression(), x, y, validation.grouped_splits(groups, 3), permutations=49,
                                                seed=int(rng.integers(1 << 30)))["p"])
@@ -305,6 +306,7 @@ def test_forecaster_refits_from_its_saved_table_with_its_residual_intervals(tmp_
   assert np.array_equal(again.curve, built.curve) and np.array_equal(again.groups, built.groups)
 
 
+@functools.cache
 def _forecasters() -> dict[str, models.Forecaster]:
   return {"curve": models.fit_forecaster(table.build_table(_runs(configs=6, epochs=16), (5, 8), 5), "curve", folds=3)}
 
@@ -393,6 +395,17 @@ def test_probability_of_help_from_a_corpus_where_more_epochs_never_help():
   forecaster = models.fit_forecaster(table.build_table(flat, (4, 6), 5), "curve", folds=2)
   row = features.curve_features(_curve(14, np.full(14, 0.5)), 6, 14, 5)
   assert forecaster.predict(row)["helps_probability"] == 0.0
+
+
+def test_retraining_on_a_corpus_of_one_configuration_is_refused(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"cutoffs": [4, 6], "horizon": 5}))
+  records = [{"dataset": "d", "lr": 0.1, "seed": s, "epoch": e, **{k: float(v[e - 1]) for k, v in _curve(14).items()}}
+             for s in (0, 1, 2) for e in range(1, 15)]
+  (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n")
+  with pytest.raises(ValueError, match="needs at least 2 groups, but the corpus has 1 .*several configurations"):
+    tool.retrain(tmp_path, ("curve",))
+  with pytest.raises(ValueError, match="lack the per-sample summaries"):
+    tool.retrain(tmp_path, ("full",))
 
 
 def test_missing_input_gets_a_clear_error(tmp_path):

@@ -30,8 +30,8 @@ def _tiny():
 
 def test_seed_batched_training_equals_one_seed_at_a_time():
   dataset, model = _tiny()
-  together = MODULE.train_seeds(model, dataset, 3e-3, (0, 1, 2), 3, 16)
-  for index, seed in enumerate((0, 1, 2)):
+  together = MODULE.train_seeds(model, dataset, 3e-3, (0, 1), 3, 16)
+  for index, seed in enumerate((0, 1)):
     (alone,) = MODULE.train_seeds(model, dataset, 3e-3, (seed,), 3, 16)
     for batched_record, record in zip(together[index], alone):
       assert batched_record.keys() == record.keys()

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+# The benchmark scripts' quick runs, like the other benchmarks', run with -m slow.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("plain_step", "ghost_influence_step", "lai_step", "greats_step")
 SCORES = (

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# The benchmark scripts' quick runs, like the other benchmarks', run with -m slow.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("mlp", "transformer")
 MTS_PROGRAMS = ("k1", "k1_remat", "k5", "k5_remat")

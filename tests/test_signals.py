@@ -36,6 +36,7 @@ def test_package_exports_every_public_name_from_its_concern():
           "knn_label_agreement", "loss_percentile_within_class", "position_features"],
       "dynamics": [
           "TrackerState", "tracker_init", "tracker_update", "tracker_summary", "training_dynamics_features"],
+      "summaries": ["pool_summary"],
   }
   assert signals.__all__ == [name for group in names.values() for name in group]
   for module, group in names.items():

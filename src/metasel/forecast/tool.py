@@ -53,8 +53,10 @@ def retrain(corpus_dir: str | Path, feature_sets=FEATURE_SETS, folds: int = 5) -
     raise ValueError(f"{corpus_dir} has no config.json with cutoffs and horizon; expected a forecast-corpus run folder")
   table = build_table(reading.read_runs(corpus_dir), config["cutoffs"], config["horizon"])
   about = {"source": str(corpus_dir), "runs": int(table.runs.max() + 1), "groups": int(np.unique(table.groups).size)}
-  usable = [fs for fs in feature_sets if fs == "curve" or not np.isnan(table.sample).any()]
-  return {fs: models.fit_forecaster(table, fs, folds=min(folds, np.unique(table.groups).size), corpus=about) for fs in usable}
+  if "full" in feature_sets and np.isnan(table.sample).any():
+    raise ValueError(f"the runs of {corpus_dir} lack the per-sample summaries (signals/NAME columns) that 'full' features need")
+  folds = max(2, min(folds, np.unique(table.groups).size))  # a small corpus gets fewer folds; one group is refused
+  return {fs: models.fit_forecaster(table, fs, folds=folds, corpus=about) for fs in feature_sets}
 
 
 def forecast_run(run: reading.Run, forecasters: dict[str, models.Forecaster], cutoff: int | None = None,

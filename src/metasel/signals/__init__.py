@@ -52,6 +52,5 @@ __all__ = [
     "tracker_update",
     "tracker_summary",
     "training_dynamics_features",
-    "SUMMARY_NAMES",
     "pool_summary",
 ]
