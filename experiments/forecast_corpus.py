@@ -84,7 +84,7 @@ def get_config(quick: bool = False) -> Config:
           "digits-synthetic": {"n_real": 200, "n_synthetic": 0, "n_val": 100, "n_test": 100, "flatten": True},
       },
       noises=(0.0, 0.3), hidden=((16,),), learning_rates=(3e-3, 3e-2), seeds=(0, 1), epochs=14,
-      batch_size=40, cutoffs=(4, 7), horizon=4, permutations=10, boosting_permutations=2, folds=3,
+      batch_size=40, cutoffs=(4, 7), horizon=4, permutations=5, boosting_permutations=1, folds=2,
   )
 
 

@@ -114,9 +114,9 @@ def test_text_experiments_refuse_a_model_that_cannot_take_the_data():
     text.check(dataclasses.replace(quick, model="rnn"))
 
 
-def test_signals_report_finds_the_corrupted_samples(tmp_path):
-  module = metasel_experiments.get("signals-report")
-  summary = module.run(module.get_config(quick=True), tmp_path)
+def test_signals_report_finds_the_corrupted_samples(quick_runs):
+  run_dir, _ = quick_runs("signals-report")
+  summary = json.loads((run_dir / "summary.json").read_text())
   aucs = {k: v["mean"] for k, v in summary["auc"].items()}
   # With a quarter or more of the synthetic part corrupted, the loss must carry real information.
   assert aucs["loss"] > 0.6

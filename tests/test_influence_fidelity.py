@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import metasel_experiments
+from conftest import copy_of
 from metasel_experiments import influence_common
 
 FIDELITY = metasel_experiments.get("influence-fidelity")
@@ -78,9 +79,11 @@ def test_bad_config_is_reported_before_compute(changes, message):
     FIDELITY.check(dataclasses.replace(FIDELITY.get_config(quick=True), **changes))
 
 
-def test_quick_run_writes_every_scorer_metric_and_the_claims(tmp_path):
+def test_quick_run_writes_every_scorer_metric_and_the_claims(quick_runs, tmp_path):
+  """The session's quick run (shared with test_experiments), copied, and its summary as `run` returns it."""
   config = FIDELITY.get_config(quick=True)
   FIDELITY.check(config)
+  tmp_path = copy_of(quick_runs("influence-fidelity")[0], tmp_path)
   summary = FIDELITY.run(config, tmp_path)
   for name in ("config.json", "metrics.jsonl", "summary.json", "influence_fidelity.png"):
     assert (tmp_path / name).stat().st_size > 0

@@ -45,10 +45,17 @@ def leave_one_group_out(groups) -> list[tuple[np.ndarray, np.ndarray]]:
 
 def out_of_fold(estimator, x, y, splits, method: str = "predict") -> np.ndarray:
   """Each row's prediction by the model fitted without its fold (`method` "predict_proba" gives P(class 1))."""
-  if method == "predict_proba" and np.unique(y).size < 2:
-    return np.full(len(y), float(np.unique(y)[0]))  # one class only: it is certain
-  predictions = cross_val_predict(clone(estimator), x, y, cv=splits, method=method)
-  return predictions[:, 1] if method == "predict_proba" else predictions
+  if method != "predict_proba":
+    return cross_val_predict(clone(estimator), x, y, cv=splits, method=method)
+  x, y = np.asarray(x), np.asarray(y)
+  probability = np.full(len(y), np.nan)
+  for train, test in splits:
+    if np.unique(y[train]).size < 2:  # a fold that saw one class is certain of it
+      probability[test] = float(y[train][0] == 1)
+      continue
+    model = clone(estimator).fit(x[train], y[train])
+    probability[test] = model.predict_proba(x[test])[:, list(model.classes_).index(1)]
+  return probability
 
 
 def mae(y, prediction) -> float:
