@@ -16,7 +16,6 @@ from metasel_experiments import ci_text
 
 __all__ = ["check_cutoffs", "corpus_runs", "regression_forecasts", "analyse"]
 
-REGRESSION_TARGETS = models.REGRESSED
 LEARNED = {"epoch_only": ("epoch", models.boosting), "accuracy_only": ("accuracy", models.boosting),
            "curve_ridge": ("curve", models.ridge), "curve_boosting": ("curve", models.boosting),
            "full_ridge": ("full", models.ridge), "full_boosting": ("full", models.boosting)}
@@ -108,9 +107,7 @@ def _tool_interval_coverage(table: Table, splits, folds: int) -> dict:
     forecaster = models.fit_forecaster(table.rows(np.isin(np.arange(table.cutoffs.size), train)), "curve", folds=folds)
     x = models.feature_matrix(table, "curve")[test]
     for target in models.REGRESSED:
-      prediction = forecaster.estimators[target].predict(x)
-      if target == "plateau":
-        prediction = np.clip(prediction, 1, table.budget)
+      prediction = forecaster.point(target, x)
       for level in models.INTERVALS:
         band = np.array([forecaster.band(target, c, level) for c in table.cutoffs[test]])
         y = table.targets[target][test]
@@ -177,7 +174,7 @@ def analyse(corpus: list[dict], config, out_dir: Path, generation: dict) -> dict
   summary = {"corpus": {"runs": int(table.runs.max() + 1), "groups": int(np.unique(table.groups).size), "rows": int(table.cutoffs.size),
                         "datasets": sorted(set(table.datasets.tolist())), **generation},
              "seeds": list(config.seeds), "targets": {}, "helps": _classification(table, splits)}
-  for target in REGRESSION_TARGETS:
+  for target in models.REGRESSED:
     forecasts = regression_forecasts(table, splits, target)
     summary["targets"][target] = {
         "metrics": _regression_metrics(table, target, forecasts),

@@ -17,7 +17,7 @@ from metasel.forecast import features, validation
 from metasel.forecast.table import Table
 
 __all__ = ["ridge", "boosting", "quantile_boosting", "logistic", "boosting_classifier", "feature_matrix", "FEATURE_SETS",
-           "INTERVALS", "Forecaster", "residual_splits", "interval_residuals", "fit_forecaster"]
+           "INTERVALS", "Forecaster", "within_range", "residual_splits", "interval_residuals", "fit_forecaster"]
 
 ALPHAS = np.logspace(-3, 3, 13)
 FEATURE_SETS = ("curve", "full")
@@ -96,14 +96,16 @@ class Forecaster:
     known = np.array(sorted(int(c) for c in self.residuals[target]))
     return list(self.residuals[target][str(known[np.argmin(np.abs(known - cutoff))])][f"{level}"])
 
+  def point(self, target: str, x) -> np.ndarray:
+    """Point forecasts of a regressed target for feature rows `x` (R, F), within the target's range."""
+    return within_range(target, self.estimators[target].predict(x), self.budget)
+
   def predict(self, row: dict[str, float]) -> dict:
     """Forecasts and intervals for one run's feature row (`features.curve_features` [+ `sample_features`])."""
     x = np.array([[row[name] for name in self.names]], np.float64)
     out = {}
     for target in REGRESSED:
-      value = float(self.estimators[target].predict(x)[0])
-      if target == "plateau":
-        value = float(np.clip(value, 1, self.budget))
+      value = float(self.point(target, x)[0])
       out[target] = value
       out[f"{target}_intervals"] = {level: [value + r for r in self.band(target, int(row["epoch"]), level)] for level in INTERVALS}
     helps = self.estimators["helps"]
@@ -113,6 +115,12 @@ class Forecaster:
                               for level, band in out["final_change_intervals"].items()}
     out["plateau_intervals"] = {level: np.clip(band, 1, self.budget).tolist() for level, band in out["plateau_intervals"].items()}
     return out
+
+
+def within_range(target: str, prediction, budget: int) -> np.ndarray:
+  """Forecasts of `target` kept where the target can be: a plateau epoch within [1, budget]."""
+  prediction = np.asarray(prediction, np.float64)
+  return np.clip(prediction, 1, budget) if target == "plateau" else prediction
 
 
 def residual_splits(table: Table, folds: int = 5) -> list:
@@ -126,14 +134,13 @@ def residual_splits(table: Table, folds: int = 5) -> list:
 
 def interval_residuals(table: Table, feature_set: str, folds: int = 5) -> dict:
   """Per regressed target and cutoff, the 80% and 90% central quantiles of the out-of-fold residuals of
-  `residual_splits` (plateau forecasts clipped to [1, budget] as `Forecaster.predict` clips them)."""
+  `residual_splits`, of forecasts kept `within_range` as `Forecaster.point` keeps them."""
   x = feature_matrix(table, feature_set)
   splits = residual_splits(table, folds)
   result = {}
   for target in REGRESSED:
     y = table.targets[target]
-    prediction = validation.out_of_fold(boosting(), x, y, splits)
-    error = y - (np.clip(prediction, 1, table.budget) if target == "plateau" else prediction)
+    error = y - within_range(target, validation.out_of_fold(boosting(), x, y, splits), table.budget)
     result[target] = {
         str(int(c)): {f"{level}": [float(np.quantile(error[table.cutoffs == c], q)) for q in ((1 - level) / 2, (1 + level) / 2)]
                       for level in INTERVALS}
