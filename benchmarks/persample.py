@@ -12,7 +12,8 @@ them from outside):
   sequences at batch 64.
 
 Every time is the median over interleaved rounds of the jitted, compiled function; ratios divide times
-taken in this same run. Memory is the compiled program's own analysis (temporaries plus outputs), since
+taken in this same run; trace times (building the program, before compilation) are medians over fresh
+functions. Memory is the compiled program's own analysis (temporaries plus outputs), since
 the CPU backend keeps no allocator statistics; on an accelerator the device's peak is reported too.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +76,7 @@ def bench(model, params, x, y, rounds: int, chunk_size: int | None) -> dict:
   plain_ms = result["plain_grad_ms"]
   for name in ("ghost_grad_norms", "ghost_dot", "vmap_grad_norms", "vmap_dot"):
     result[f"{name}_over_plain"] = result[f"{name}_ms"] / plain_ms
+  result.update(trace_ms(model, params, x, y, loss_fn))
   result.update(
       ghost_vs_vmap_norm_max_rel_err=float(
           np.max(np.abs(outputs["ghost_grad_norms"] - outputs["vmap_grad_norms"]) / outputs["vmap_grad_norms"])
@@ -87,6 +90,24 @@ def bench(model, params, x, y, rounds: int, chunk_size: int | None) -> dict:
       chunk_size=chunk_size,
   )
   return result
+
+
+def trace_ms(model, params, x, y, loss_fn, rounds: int = 5) -> dict:
+  """Median milliseconds to trace (not compile) a plain gradient and ghost norms, each time from a fresh
+  function, and their ratio: what the tape, with its check that every parameter use is taped, adds."""
+  fresh = {
+      "plain_grad": lambda: jax.grad(lambda p, x, y: jnp.mean(persample.losses(model, p, x, y, loss_fn))),
+      "ghost_grad_norms": lambda: (lambda p, x, y: persample.grad_norms(model, p, x, y, loss_fn)),
+  }
+  times = {name: [] for name in fresh}
+  for _ in range(rounds):
+    for name, make in fresh.items():
+      start = time.perf_counter()
+      jax.jit(make()).trace(params, x, y)
+      times[name].append((time.perf_counter() - start) * 1e3)
+  out = {f"{name}_trace_ms": statistics.median(values) for name, values in times.items()}
+  out["ghost_grad_norms_trace_over_plain_trace"] = out["ghost_grad_norms_trace_ms"] / out["plain_grad_trace_ms"]
+  return out
 
 
 def setups() -> dict:

@@ -123,7 +123,7 @@ def test_coverage_says_why_a_layer_falls_back():
   assert function.ghost_share == 0.0 and "not a parameter of a supported layer" in function.fallback["w"]
 
 
-def test_a_layer_used_outside_its_call_falls_back():
+def test_a_table_used_as_its_own_head_takes_the_ghost_path():
   class TiedEmbedding(nn.Module):
     @nn.compact
     def __call__(self, ids):
@@ -135,7 +135,7 @@ def test_a_layer_used_outside_its_call_falls_back():
   ids = jnp.array([[1, 2, 3], [4, 4, 5]])
   params = models.init(model, jax.random.key(0), (3,), jnp.int32)
   report = persample.coverage(model, params, ids)
-  assert "attend" in report.fallback["Embed_0/embedding"]
+  assert report.ghost["Embed_0/embedding"] == "Embed_0 (Embed.attend)" and not report.fallback
   y = jnp.array([3, 7])
   expected = [
       float(optax.global_norm(jax.grad(lambda p: persample.losses(model, p, ids[i : i + 1], y[i : i + 1], LOSS)[0])(params)))

@@ -5,6 +5,9 @@ Every metasel entry point (persample, signals, mts, dvn, gsnr, train) takes any 
 `init(key, x)`, and compares equal to another `Model` of the same structure, so that compiled programs
 are shared between them.
 
+Boxed linen parameters (`nn.Partitioned`, `nn.LogicallyPartitioned`) are unboxed at the boundary, so
+what `module.init` returns works as it is; NNX variables with sharding metadata split to plain arrays.
+
 What a model may return: its logits (B, O), or a pair `(logits (B, O), embedding (B, D))`. When it
 returns only logits, metasel takes the embedding from the input of its last dense layer
 (`metasel.tape`). Parameters are a pytree (nested dicts for linen and NNX); a model whose output
@@ -93,14 +96,16 @@ def _linen(module: nn.Module) -> Model:
   name = type(module).__name__
 
   def apply(params, x):
-    return module.apply({"params": params}, x)
+    # Boxed parameters (nn.with_partitioning / nn.with_logical_partitioning) as `init` returns them are
+    # unboxed here, keeping the same arrays, so the tape finds each layer's parameters among the leaves.
+    return module.apply({"params": nn.meta.unbox(params)}, x)
 
   def init_params(key, x):
     variables = module.init(key, x)
     extra = sorted(set(variables) - {"params", "intermediates"})
     if extra:
       raise ValueError(_state_message(name, f"the collection(s) {extra}"))
-    return variables.get("params", {})
+    return nn.meta.unbox(variables.get("params", {}))
 
   return Model(_translating_errors(apply, name), init_params, "linen", _hashable(module), name)
 

@@ -63,6 +63,7 @@ def contributions(
     factors = {layer.info.leaves: ghost.step_factors(layer, -step_size) for layer in recorded.ghost_layers}
     others = persample.fallback_leaves(model, params, recorded)
   example_grad = persample.example_grad_fn(model, loss_fn, params, others)
+  val_plan = tape_lib.make_plan(model, params, val_x)  # every stepped model shares the unchanged one's
 
   def one(x_i, y_i, factors_i):
     stepped = list(leaves)
@@ -70,7 +71,7 @@ def contributions(
       grads = example_grad(tuple(leaves[i] for i in others), x_i, y_i)
       for i, g in zip(others, grads):
         stepped[i] = leaves[i] - step_size * g
-    fwd = tape_lib.forward(model, treedef.unflatten(stepped), val_x, steps=factors_i)
+    fwd = tape_lib.forward(model, treedef.unflatten(stepped), val_x, steps=factors_i, plan=val_plan)
     return base - jnp.mean(loss_fn(fwd.outputs, val_y))
 
   return jax.vmap(one)(x, y, factors)

@@ -10,6 +10,13 @@ Three kinds of layer cover the standard Flax layers (`metasel.tape` decides whic
   gradient adds d_t to the row of id_t, so tokens of a sample that share an id add up.
 * "norm" (LayerNorm, RMSNorm and their NNX twins): the normalised input x_hat (B, T, D) and output
   gradients (B, T, D); the sample's scale gradient is sum_t x_hat_t * d_t and its bias gradient sum_t d_t.
+* "tied" (an Embed also used through `attend`, as a tied LM head): the lookup's ids (B, T) and gradients
+  d (B, T, dim), and the head's inputs h (B, S, dim) and logit gradients g (B, S, V); the sample's table
+  gradient is the sum of both uses, sum_t e_{id_t} d_t^T + sum_s g_s h_s^T, and norms and dots include
+  the cross terms sum_{t,s} g_s[id_t] <d_t, h_s>. Its rows are (ids, h), its grads (d, g).
+
+A call of `attend` alone is recorded with kind "attend" (rows h, output g); `metasel.tape` joins a
+table's lookups and attends into one "tied" layer.
 
 A `LayerTape` holds one layer's rows and gradients and which parameter leaves ("roles") it owns.
 """
@@ -17,6 +24,7 @@ A `LayerTape` holds one layer's rows and gradients and which parameter leaves ("
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -25,10 +33,10 @@ from flax import struct
 
 __all__ = [
     "LayerInfo", "LayerTape", "sq_norms", "dots", "cross_dots", "summed_grads", "step_factors", "correction",
-    "layer_grads",
+    "layer_grads", "TiedFactors",
 ]
 
-DENSE, EMBED, NORM = "dense", "embed", "norm"
+DENSE, EMBED, NORM, TIED, ATTEND = "dense", "embed", "norm", "tied", "attend"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +45,7 @@ class LayerInfo:
 
   Attributes:
     name: the layer's path in the model, e.g. "Dense_0" or "blocks/0/mlp".
-    kind: "dense", "embed" or "norm".
+    kind: "dense", "embed", "norm" or "tied" ("attend" for one call of `Embed.attend`).
     layer_type: its class, e.g. "Dense" or "nnx.Linear".
     roles: (role, leaf index) pairs: "kernel" / "bias", "embedding", or "scale" / "bias"; the index is the
       leaf's position in `jax.tree.leaves(params)`.
@@ -58,11 +66,26 @@ class LayerInfo:
 
 @struct.dataclass
 class LayerTape:
-  """One layer's per-sample record: rows (B, T, in) (ids (B, T) for "embed") and output gradients (B, T, out)."""
+  """One layer's per-sample record: rows (B, T, in) (ids (B, T) for "embed") and output gradients (B, T, out).
+
+  A "tied" layer holds pairs: rows (ids (B, T), h (B, S, dim)) and grads (d (B, T, dim), g (B, S, V)).
+  """
 
   info: LayerInfo = struct.field(pytree_node=False)
-  rows: jax.Array
-  grads: jax.Array
+  rows: Any
+  grads: Any
+
+  @property
+  def batch(self) -> int:
+    """The number of samples on the tape."""
+    return jax.tree.leaves(self.rows)[0].shape[0]
+
+
+class TiedFactors(NamedTuple):
+  """One sample's step of a tied table in factored form: (ids, d) of its lookups and (h, g) of its head."""
+
+  lookup: tuple[jax.Array, jax.Array]
+  attend: tuple[jax.Array, jax.Array]
 
 
 def _gram_is_cheaper(positions: int, fan_in: int, fan_out: int) -> bool:
@@ -109,8 +132,22 @@ def _norm_grads(layer: LayerTape) -> dict[str, jax.Array]:
   return out
 
 
+def _table_parts(layer: LayerTape) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+  """(ids, d, h, g) of an "embed" or "tied" layer; the head's h and g are None for a lookup alone."""
+  if layer.info.kind == TIED:
+    (ids, h), (d, g) = layer.rows, layer.grads
+    return ids, d, h, g
+  return layer.rows, layer.grads, None, None
+
+
 def _check_layer(layer: LayerTape) -> None:
   """The tape's invariant: rows and gradients agree on the batch and the positions."""
+  if layer.info.kind == TIED:
+    (ids, h), (d, g) = layer.rows, layer.grads
+    chex.assert_rank((ids, h, d, g), (2, 3, 3, 3))
+    chex.assert_equal_shape_prefix((ids, d), 2)
+    chex.assert_equal_shape_prefix((h, g), 2)
+    return
   chex.assert_rank(layer.grads, 3)
   chex.assert_rank(layer.rows, 2 if layer.info.kind == EMBED else 3)
   chex.assert_equal_shape_prefix((layer.rows, layer.grads), 2)
@@ -124,6 +161,10 @@ def sq_norms(layer: LayerTape) -> jax.Array:
     return sum(jnp.sum(jnp.square(g), axis=-1) for g in _norm_grads(layer).values())
   if kind == EMBED:
     return _embed_sq_norms(layer.rows, layer.grads)
+  if kind == TIED:
+    (ids, h), (d, g) = layer.rows, layer.grads
+    lookup_head = jnp.sum(jnp.take_along_axis(g, ids[:, None, :], axis=2) * jnp.einsum("btd,bsd->bst", d, h), axis=(1, 2))
+    return _embed_sq_norms(ids, d) + _dense_kernel_sq_norms(h, g) + 2 * lookup_head
   total = _dense_kernel_sq_norms(layer.rows, layer.grads)
   if layer.info.leaf("bias") is not None:
     total = total + jnp.sum(jnp.square(jnp.sum(layer.grads, axis=1)), axis=-1)
@@ -138,6 +179,9 @@ def dots(layer: LayerTape, reference: dict[str, jax.Array]) -> jax.Array:
     return sum(g @ reference[role].reshape(-1) for role, g in _norm_grads(layer).items())
   if kind == EMBED:
     return jnp.sum(reference["embedding"][layer.rows] * layer.grads, axis=(1, 2))
+  if kind == TIED:
+    (ids, h), (d, g), table = layer.rows, layer.grads, reference["embedding"]  # table (V, dim)
+    return jnp.sum(table[ids] * d, axis=(1, 2)) + jnp.sum((g @ table) * h, axis=(1, 2))
   kernel = reference["kernel"].reshape(layer.rows.shape[-1], -1)  # (in, out)
   total = jnp.sum((layer.rows @ kernel) * layer.grads, axis=(1, 2))
   if layer.info.leaf("bias") is not None:
@@ -165,6 +209,15 @@ def _embed_cross(ids: jax.Array, d: jax.Array, ids2: jax.Array, d2: jax.Array) -
   return jnp.sum(jnp.where(same, jnp.einsum("btd,csd->bcts", d, d2), 0.0), axis=(2, 3))
 
 
+def _tied_cross(layer: LayerTape, other: LayerTape) -> jax.Array:
+  """Tied-table gradient dot products (B, C): lookup-lookup, head-head and both lookup-head cross terms."""
+  (ids, h), (d, g) = layer.rows, layer.grads
+  (ids2, h2), (d2, g2) = other.rows, other.grads
+  lookup_head = jnp.einsum("csbt,bcts->bc", jnp.take(g2, ids, axis=2), jnp.einsum("btd,csd->bcts", d, h2))
+  head_lookup = jnp.einsum("bsct,bcst->bc", jnp.take(g, ids2, axis=2), jnp.einsum("bsd,ctd->bcst", h, d2))
+  return _embed_cross(ids, d, ids2, d2) + _dense_cross(h, g, h2, g2) + lookup_head + head_lookup
+
+
 def cross_dots(layer: LayerTape, other: LayerTape) -> jax.Array:
   """Dot products (B, C) of every sample's gradient in `layer` with every sample's gradient in `other`.
 
@@ -181,6 +234,8 @@ def cross_dots(layer: LayerTape, other: LayerTape) -> jax.Array:
     return sum(mine[role] @ theirs[role].T for role in mine)
   if kind == EMBED:
     return _embed_cross(layer.rows, layer.grads, other.rows, other.grads)
+  if kind == TIED:
+    return _tied_cross(layer, other)
   total = _dense_cross(layer.rows, layer.grads, other.rows, other.grads)
   if layer.info.leaf("bias") is not None:
     total = total + jnp.sum(layer.grads, axis=1) @ jnp.sum(other.grads, axis=1).T
@@ -193,9 +248,10 @@ def summed_grads(layer: LayerTape, shapes: dict[str, tuple[int, ...]]) -> dict[s
   kind = layer.info.kind
   if kind == NORM:
     grads = {role: jnp.sum(g, axis=0) for role, g in _norm_grads(layer).items()}
-  elif kind == EMBED:
-    table = jnp.zeros((shapes["embedding"][0], layer.grads.shape[-1]), layer.grads.dtype)
-    grads = {"embedding": table.at[layer.rows.reshape(-1)].add(layer.grads.reshape(-1, layer.grads.shape[-1]))}
+  elif kind in (EMBED, TIED):
+    ids, d, h, g = _table_parts(layer)
+    table = jnp.zeros((shapes["embedding"][0], d.shape[-1]), d.dtype).at[ids.reshape(-1)].add(d.reshape(-1, d.shape[-1]))
+    grads = {"embedding": table if g is None else table + jnp.einsum("bsv,bsd->vd", g, h)}
   else:
     grads = {"kernel": jnp.einsum("bti,bto->io", layer.rows, layer.grads)}
     if layer.info.leaf("bias") is not None:
@@ -205,12 +261,14 @@ def summed_grads(layer: LayerTape, shapes: dict[str, tuple[int, ...]]) -> dict[s
 
 def layer_grads(layer: LayerTape, shapes: dict[str, tuple[int, ...]]) -> dict[str, jax.Array]:
   """Each sample's full gradient of every parameter of the layer (role -> (B, *shape)): for checks, not hot paths."""
-  kind, batch = layer.info.kind, layer.rows.shape[0]
+  kind, batch = layer.info.kind, layer.batch
   if kind == NORM:
     grads = _norm_grads(layer)
-  elif kind == EMBED:
-    onehot = jax.nn.one_hot(layer.rows, shapes["embedding"][0], dtype=layer.grads.dtype)  # (B, T, V)
-    grads = {"embedding": jnp.einsum("btv,btd->bvd", onehot, layer.grads)}
+  elif kind in (EMBED, TIED):
+    ids, d, h, g = _table_parts(layer)
+    onehot = jax.nn.one_hot(ids, shapes["embedding"][0], dtype=d.dtype)  # (B, T, V)
+    table = jnp.einsum("btv,btd->bvd", onehot, d)
+    grads = {"embedding": table if g is None else table + jnp.einsum("bsv,bsd->bvd", g, h)}
   else:
     grads = {"kernel": jnp.einsum("bti,bto->bio", layer.rows, layer.grads)}
     if layer.info.leaf("bias") is not None:
@@ -222,11 +280,14 @@ def step_factors(layer: LayerTape, scale: jax.Array | float):
   """Each sample's gradient times `scale`, in factored form with a leading batch axis, for `correction`.
 
   "dense": (rows (B, T, in), scale * grads (B, T, out)); "embed": (ids (B, T), scale * grads);
-  "norm": the formed per-sample gradients times `scale`, a dict role -> (B, D).
+  "norm": the formed per-sample gradients times `scale`, a dict role -> (B, D); "tied": `TiedFactors`.
   """
   _check_layer(layer)
   if layer.info.kind == NORM:
     return {role: scale * g for role, g in _norm_grads(layer).items()}
+  if layer.info.kind == TIED:
+    (ids, h), (d, g) = layer.rows, layer.grads
+    return TiedFactors((ids, scale * d), (h, scale * g))
   return layer.rows, scale * layer.grads
 
 
@@ -236,7 +297,10 @@ def correction(info: LayerInfo, rows: jax.Array, factors) -> jax.Array:
   Layers are linear in their parameters, so stepping the parameters by delta changes the output by the
   layer applied with delta alone. "dense" picks the cheaper of the low-rank product (x A^T) D and forming
   delta = A^T D; "embed" adds the step's rows of the ids that occur; "norm" x_hat * d_scale + d_bias.
+  A tied table's step (`TiedFactors`) changes both its lookups ("embed" calls) and its head ("attend").
   """
+  if isinstance(factors, TiedFactors):
+    return _tied_correction(info, rows, factors)
   if info.kind == NORM:
     out = jnp.zeros_like(rows)
     if "scale" in factors:
@@ -254,3 +318,14 @@ def correction(info: LayerInfo, rows: jax.Array, factors) -> jax.Array:
   if info.leaf("bias") is not None:
     out = out + jnp.sum(d, axis=0)
   return out
+
+
+def _tied_correction(info: LayerInfo, rows: jax.Array, factors: TiedFactors) -> jax.Array:
+  """Output change of one call of a tied table stepped by delta = sum_t e_{id_t} d_t^T + sum_s g_s h_s^T (V, dim)."""
+  (ids, d), (h, g) = factors  # ids (T,), d (T, dim), h (S, dim), g (S, V)
+  if info.kind == EMBED:  # rows: ids (B, T'); delta[rows] (B, T', dim)
+    lookup = (rows[..., None] == ids).astype(d.dtype) @ d
+    return lookup + jnp.einsum("sbt,sd->btd", jnp.take(g, rows, axis=1), h)
+  # attend: rows x (B, T', dim); x @ delta^T (B, T', V)
+  onehot = jax.nn.one_hot(ids, g.shape[-1], dtype=d.dtype)  # (T, V)
+  return (rows @ d.T) @ onehot + (rows @ h.T) @ g

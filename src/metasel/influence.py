@@ -103,7 +103,7 @@ def ghost_pairwise(tape: tape_lib.Tape, other: tape_lib.Tape) -> jax.Array:
 def _mean_dots(layer: LayerTape, other: LayerTape, shapes: dict[str, tuple[int, ...]]) -> jax.Array:
   """(1/C) sum_j <grad_i, grad_j> over one layer (B,): pairwise for single-position dense layers, where it
   costs B C (in + out) against (B + C) in out for forming the mean gradient; through that mean otherwise."""
-  count = other.rows.shape[0]
+  count = other.batch
   if layer.info.kind == DENSE and layer.rows.shape[1] == 1 and other.rows.shape[1] == 1:
     batch, fan_in, fan_out = layer.rows.shape[0], layer.rows.shape[2], layer.grads.shape[-1]
     if batch * count * (fan_in + fan_out) <= (batch + count) * fan_in * fan_out:

@@ -21,12 +21,13 @@ import warnings
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metasel import ghost
+from metasel import ghost, handlers
 from metasel import tape as tape_lib
 from metasel.adapters import Model, ModelLike, as_model, split_outputs
 
@@ -128,14 +129,14 @@ def record(model: ModelLike, params: Params, x: jax.Array, y: jax.Array, loss_fn
   """
   _check_batch(x, y)
   model = as_model(model)
-  perturbations = tape_lib.zero_perturbations(model, params, x)
+  plan = tape_lib.make_plan(model, params, x)
 
   def summed_loss(perturbations):
-    fwd = tape_lib.forward(model, params, x, perturbations=perturbations)
+    fwd = tape_lib.forward(model, params, x, perturbations=perturbations, plan=plan)
     per_sample = loss_fn(fwd.outputs, y)
     return jnp.sum(per_sample), (per_sample, fwd)
 
-  output_grads, (per_sample, fwd) = jax.grad(summed_loss, has_aux=True)(perturbations)
+  output_grads, (per_sample, fwd) = jax.grad(summed_loss, has_aux=True)(tape_lib.zero_perturbations(plan))
   return tape_lib.assemble(fwd, output_grads, per_sample)
 
 
@@ -329,7 +330,8 @@ def leaf_names(params: Params) -> list[str]:
         return str(getattr(key, attr))
     return str(key)
 
-  return ["/".join(part(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  unboxed = nn.meta.unbox(params)  # the same leaves, named without the boxes' "value"
+  return ["/".join(part(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(unboxed)[0]]
 
 
 class Coverage(NamedTuple):
@@ -363,9 +365,15 @@ def coverage(model: ModelLike, params: Params, x: jax.Array) -> Coverage:
   sizes = [int(np.prod(jnp.shape(leaf))) for leaf in jax.tree.leaves(params)]
   reasons = {i: f"{s.name} ({s.layer_type}): {s.reason}" for s in fwd.skipped for i in s.leaves}
   owners = {i: f"{c.info.name} ({c.info.layer_type})" for c in fwd.calls for i in c.info.leaves}
+  for call in fwd.calls:  # a layer the ghost algebra may not use (`Tape.ghost_layers`) takes all its leaves along
+    held = [j for j in call.info.leaves if j in reasons]
+    for i in call.info.leaves:
+      if held and i not in reasons:
+        reasons[i] = f"{owners[i]}: it shares its layer with {names[held[0]]}, which takes the vmap path"
   ghost_names, fallback = {}, {}
-  # A layer skipped under a transformation inside the model holds no outer leaves; its path names its own.
-  by_path = {s.name + "/": f"{s.name} ({s.layer_type}): {s.reason}" for s in fwd.skipped if not s.leaves}
+  # A layer the tape could not take may hold no outer leaves (under a transformation, or given arrays
+  # computed inside the model); its path names the parameters it reads.
+  by_path = {s.name + "/": f"{s.name} ({s.layer_type}): {s.reason}" for s in fwd.skipped}
   for i, name in enumerate(names):
     named = [reason for prefix, reason in by_path.items() if name.startswith(prefix)]
     if i in reasons or named:
@@ -373,6 +381,6 @@ def coverage(model: ModelLike, params: Params, x: jax.Array) -> Coverage:
     elif i in owners:
       ghost_names[name] = owners[i]
     else:
-      fallback[name] = f"not a parameter of a supported layer ({', '.join(tape_lib.SUPPORTED)})"
+      fallback[name] = f"not a parameter of a supported layer ({', '.join(handlers.SUPPORTED)})"
   share = sum(sizes[i] for i, n in enumerate(names) if n in ghost_names) / max(sum(sizes), 1)
   return Coverage(ghost_names, fallback, share)

@@ -13,10 +13,17 @@ loss-to-output gradient. A layer's parameters are found by identity among the le
 passed to the model, so a layer whose parameters are not plain leaves, or that is used in a way the
 tape cannot see, is reported (`Skipped`) and its parameters take the `vmap` fallback.
 
+Interception alone cannot see a parameter used outside its layer (a tied head through a nested
+`.apply`, a kernel rescaled inside the model), so before the taped pass `make_plan` traces the forward
+pass once with every layer call under a name scope of its own and keeps on the ghost path only leaves
+whose every use is inside a taped call owning them (`metasel.uses`). The same trace gives the shapes of
+the perturbations, so the check adds no trace to the two a taped step always took.
+
 Supported: linen `Dense`, `DenseGeneral` (contracting trailing axes, no batch dims), `Conv` (any
-strides, kernel dilation and padding; groups, input dilation and masks fall back), `Embed`, `LayerNorm`
-and `RMSNorm` (over the last axis), and NNX `Linear`, `LinearGeneral`, `Conv`, `Embed`, `LayerNorm`,
-`RMSNorm`. A layer's input must have the batch on axis 0.
+strides, kernel dilation and padding; groups, input dilation and masks fall back), `Embed` (its lookups
+and `attend`, joined into one "tied" layer), `LayerNorm` and `RMSNorm` (over the last axis), and NNX
+`Linear`, `LinearGeneral`, `Conv`, `Embed`, `LayerNorm`, `RMSNorm`. A layer's input must have the batch
+on axis 0.
 """
 
 from __future__ import annotations
@@ -24,24 +31,22 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import itertools
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx, struct
 from flax.core.tracers import current_trace
 
-from metasel import ghost
-from metasel.ghost import DENSE, EMBED, NORM, LayerInfo, LayerTape
+from metasel import ghost, handlers, uses
+from metasel.ghost import ATTEND, EMBED, TIED, LayerInfo, LayerTape
 from metasel.adapters import Model, split_outputs
 
 __all__ = [
-    "Skipped", "Call", "Forward", "Tape", "forward", "zero_perturbations", "joined_calls", "layer_rows", "assemble",
-    "hook_nnx",
+    "Skipped", "Call", "Forward", "Tape", "Plan", "make_plan", "forward", "zero_perturbations", "joined_calls",
+    "layer_rows", "assemble", "hook_nnx",
 ]
 
 
@@ -101,218 +106,50 @@ class Tape:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Layer handlers: how each supported layer class is read.
-
-
-def _batch_rows(x: jax.Array, width: int) -> jax.Array:
-  return x.reshape(x.shape[0], -1, width)
-
-
-def _dense_reason(module, x) -> str | None:
-  custom = getattr(module, "dot_general", None)
-  if (custom is not None and custom is not jax.lax.dot_general) or getattr(module, "dot_general_cls", None):
-    return "it uses a custom dot_general"
-  return None if x.ndim >= 2 else f"its input has shape {x.shape}, with no batch axis before the features"
-
-
-def _general_axes(module, x) -> tuple[int, str | None]:
-  """Number of trailing contracted axes of a DenseGeneral / LinearGeneral, or why it cannot be taped."""
-  axes = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
-  axes = tuple(sorted(a % x.ndim for a in axes))
-  batch = getattr(module, "batch_dims", ()) or tuple(getattr(module, "batch_axis", {}) or ())
-  if batch:
-    return 0, "it has batch dimensions of its own"
-  if axes != tuple(range(x.ndim - len(axes), x.ndim)) or x.ndim - len(axes) < 1:
-    return 0, f"it contracts axes {axes} of a {x.ndim}-d input, not trailing axes after the batch"
-  return len(axes), _dense_reason(module, x)
-
-
-def _spatial_config(module, x):
-  """(kernel_size, strides, kernel_dilation, padding pairs, pre-padded x) of a Conv, or a reason string."""
-  ks = (module.kernel_size,) if isinstance(module.kernel_size, int) else tuple(module.kernel_size)
-  n = len(ks)
-  as_tuple = lambda v: (1,) * n if v is None else ((v,) * n if isinstance(v, int) else tuple(v))  # noqa: E731
-  strides, dilation = as_tuple(module.strides), as_tuple(module.kernel_dilation)
-  if as_tuple(module.input_dilation) != (1,) * n:
-    return "it dilates its input (input_dilation)"
-  if module.feature_group_count != 1:
-    return "it is a grouped convolution (feature_group_count > 1)"
-  if getattr(module, "mask", None) is not None:
-    return "it masks its kernel"
-  custom = getattr(module, "conv_general_dilated", None)
-  if (custom is not None and custom is not jax.lax.conv_general_dilated) or getattr(module, "conv_general_dilated_cls", None):
-    return "it uses a custom convolution"
-  if x.ndim != n + 2:
-    return f"its input has shape {x.shape}; expected (batch, {n} spatial axes, channels)"
-  padding = nn.linear.canonicalize_padding(module.padding, n)
-  dilated = [(k - 1) * d + 1 for k, d in zip(ks, dilation)]
-  if padding in ("CIRCULAR", "REFLECT"):
-    mode = {"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]
-    x = jnp.pad(x, [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)], mode=mode)
-    padding = "VALID"
-  elif padding == "CAUSAL":
-    x = jnp.pad(x, [(0, 0), (dilated[0] - 1, 0), (0, 0)])
-    padding = "VALID"
-  if isinstance(padding, str):
-    padding = jax.lax.padtype_to_pads(x.shape[1:-1], dilated, strides, padding)
-  return ks, strides, dilation, tuple(tuple(p) for p in padding), x
-
-
-def conv_patches(x: jax.Array, kernel_size, strides, dilation, padding) -> jax.Array:
-  """Patches (B, P, K * C) of images x (B, *spatial, C), ordered (kernel offsets..., channel) like the kernel.
-
-  Built from strided slices, one per kernel offset: a copy, cheaper on CPU than the identity convolution
-  of `lax.conv_general_dilated_patches`.
-  """
-  x = jnp.pad(x, [(0, 0), *padding, (0, 0)])
-  spatial = x.shape[1:-1]
-  out = [(s - (k - 1) * d - 1) // st + 1 for s, k, d, st in zip(spatial, kernel_size, dilation, strides)]
-  slices = []
-  for offsets in itertools.product(*(range(k) for k in kernel_size)):
-    start = [o * d for o, d in zip(offsets, dilation)]
-    limit = [b + (m - 1) * st + 1 for b, m, st in zip(start, out, strides)]
-    slices.append(jax.lax.slice(x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]), (1, *strides, 1)))
-  patches = jnp.stack(slices, axis=-2)  # (B, *out, K, C)
-  return patches.reshape(x.shape[0], int(np.prod(out)), -1)
-
-
-def _standardised(module, x: jax.Array, centred: bool) -> jax.Array:
-  """x_hat of a LayerNorm (centred) or RMSNorm over the last axis, as Flax computes it."""
-  dtype = jnp.promote_types(x.dtype, jnp.float32)
-  x = x.astype(dtype)
-  if centred and getattr(module, "use_fast_variance", True):
-    mean = jnp.mean(x, -1, keepdims=True)
-    var = jnp.maximum(0.0, jnp.mean(jnp.square(x), -1, keepdims=True) - jnp.square(mean))
-  elif centred:
-    mean = jnp.mean(x, -1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
-  else:
-    mean, var = 0.0, jnp.mean(jnp.square(x), -1, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + module.epsilon)
-
-
-def _norm_reason(module, x) -> str | None:
-  last = lambda axes: axes in (-1, (-1,), [-1]) or (isinstance(axes, int) and axes % x.ndim == x.ndim - 1)  # noqa: E731
-  if not (last(module.reduction_axes) and last(module.feature_axes)):
-    return "it normalises over axes other than the last"
-  if getattr(module, "axis_name", None) is not None:
-    return "it averages across devices (axis_name)"
-  return None if x.ndim >= 2 else f"its input has shape {x.shape}, with no batch axis"
-
-
-@dataclasses.dataclass(frozen=True)
-class Handler:
-  """How to tape one layer class: its kind, its parameter roles, and `prepare(module, x)`.
-
-  `prepare` returns `(rows_fn, None)`, where `rows_fn(x)` gives the input rows the kind needs (see
-  `metasel.ghost`), or `(None, reason)` when this call cannot be taped.
-  """
-
-  kind: str
-  roles: tuple[str, ...]
-  prepare: Callable[[Any, jax.Array], tuple[Callable[[jax.Array], jax.Array] | None, str | None]]
-  dense: bool = False  # a dense layer, whose input is the embedding of a model that returns logits only
-
-
-def _dense_prepare(module, x):
-  reason = _dense_reason(module, x)
-  return (None, reason) if reason else ((lambda v: _batch_rows(v, v.shape[-1])), None)
-
-
-def _general_prepare(module, x):
-  count, reason = _general_axes(module, x)
-  if reason:
-    return None, reason
-  width = int(np.prod(x.shape[x.ndim - count :]))
-  return (lambda v: _batch_rows(v, width)), None
-
-
-def _conv_rows(module, x: jax.Array) -> jax.Array:
-  ks, strides, dilation, padding, padded = _spatial_config(module, x)
-  return conv_patches(padded, ks, strides, dilation, padding)
-
-
-def _conv_prepare(module, x):
-  config = _spatial_config(module, x)
-  return (None, config) if isinstance(config, str) else ((lambda v: _conv_rows(module, v)), None)
-
-
-def _embed_prepare(module, x):
-  if not jnp.issubdtype(x.dtype, jnp.integer) or x.ndim < 1:
-    return None, f"its input is {x.dtype} of shape {x.shape}, not integer ids with a batch axis"
-  return (lambda v: v.reshape(v.shape[0], -1)), None
-
-
-def _norm_prepare(centred: bool):
-  def prepare(module, x):
-    reason = _norm_reason(module, x)
-    return (None, reason) if reason else ((lambda v: _batch_rows(_standardised(module, v, centred), v.shape[-1])), None)
-
-  return prepare
-
-
-_DENSE = Handler(DENSE, ("kernel", "bias"), _dense_prepare, dense=True)
-_GENERAL = Handler(DENSE, ("kernel", "bias"), _general_prepare, dense=True)
-_CONV = Handler(DENSE, ("kernel", "bias"), _conv_prepare)
-_EMBED = Handler(EMBED, ("embedding",), _embed_prepare)
-_LAYER_NORM = Handler(NORM, ("scale", "bias"), _norm_prepare(True))
-_RMS_NORM = Handler(NORM, ("scale",), _norm_prepare(False))
-
-LINEN_HANDLERS: dict[type, Handler] = {
-    nn.Dense: _DENSE, nn.DenseGeneral: _GENERAL, nn.Conv: _CONV, nn.Embed: _EMBED,
-    nn.LayerNorm: _LAYER_NORM, nn.RMSNorm: _RMS_NORM,
-}
-NNX_HANDLERS: dict[type, Handler] = {
-    nnx.Linear: _DENSE, nnx.LinearGeneral: _GENERAL, nnx.Conv: _CONV, nnx.Embed: _EMBED,
-    nnx.LayerNorm: _LAYER_NORM, nnx.RMSNorm: _RMS_NORM,
-}
-SUPPORTED = tuple(f"{t.__name__}" for t in LINEN_HANDLERS) + tuple(f"nnx.{t.__name__}" for t in NNX_HANDLERS)
-
-
-def _handler_of(cls: type, handlers: dict[type, Handler]) -> tuple[type, Handler] | None:
-  """The supported base class of `cls` and its handler (whether or not `cls` keeps the base's `__call__`)."""
-  for base in cls.__mro__:
-    if base in handlers:
-      return base, handlers[base]
-  return None
-
-
-# ----------------------------------------------------------------------------------------------------
 # The recorder: what one forward pass sees.
 
 
 class _Recorder:
   """Collects the taped calls of one forward pass, adding perturbations and one sample's step corrections."""
 
-  def __init__(self, params, batch_size: int, perturbations: dict | None, steps: dict | None):
+  def __init__(self, params, batch_size: int, perturbations: dict | None, steps: dict | None, scoped: bool = False):
     self.leaf_index = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(params))}
     self.batch_size = batch_size
     self.perturbations = perturbations
     self.steps = steps or {}
+    self.scoped = scoped  # mark each layer call's equations with a name scope of its own (`metasel.uses`)
+    self.visits = 0
+    self.owners: dict[int, frozenset[int]] = {}  # visit number -> the leaves that taped call owns
     self.calls: list[Call] = []
     self.skipped: list[Skipped] = []
     self.last_dense_input: jax.Array | None = None
     self.trace = current_trace()  # a layer run under a JAX transformation inside the model sees another
 
-  def visit(self, handler: Handler, module, layer_type: str, name: str, params: dict, call: Callable, x, kwargs) -> jax.Array:
+  def visit(self, handler: handlers.Handler, module, layer_type: str, name: str, params: dict, call: Callable, x, kwargs) -> jax.Array:
     """Run the layer's own `call(x)` and tape it; or note why it cannot be taped and leave the output alone."""
-    y = call(x)
+    visit, self.visits = self.visits, self.visits + 1
+    with jax.named_scope(uses.scope_name(visit)) if self.scoped else contextlib.nullcontext():
+      y = call(x)
     if handler.dense and current_trace() == self.trace:
       self.last_dense_input = x
     roles = tuple((role, self.leaf_index.get(id(params[role]))) for role in handler.roles if params.get(role) is not None)
     rows_fn, reason = handler.prepare(module, x)
     if current_trace() != self.trace:
-      reason = "it runs under a JAX transformation inside the model (e.g. nn.scan, nn.remat, nn.vmap)"
+      reason = "it runs under a JAX transformation inside the model that the tape cannot see through (nn.scan, nn.remat, jax.checkpoint, nn.vmap or their nnx twins, ...)"
     if reason is None and kwargs:
       reason = f"it was called with the options {sorted(kwargs)}"
     if reason is None and any(index is None for _, index in roles):
-      reason = "its parameters are not leaves of the params passed to the model (made or changed inside it)"
+      reason = (
+          "its parameters are computed inside the model (sliced, transposed, scaled or built from other arrays,"
+          " e.g. by nn.WeightNorm or from a stacked parameter), not leaves of the params passed to it"
+      )
     if reason is None and x.shape[0] != self.batch_size:
       reason = f"its input has leading axis {x.shape[0]}, not the batch of {self.batch_size}"
     if reason is not None:
       self.skip(name, layer_type, tuple(i for _, i in roles if i is not None), reason)
       return y
     info = LayerInfo(name, handler.kind, layer_type, roles)
+    self.owners[visit] = frozenset(info.leaves)
     rows = rows_fn(x)
     self.calls.append(Call(info, jax.ShapeDtypeStruct(y.shape, y.dtype), rows))
     if info.leaves in self.steps:
@@ -332,23 +169,30 @@ _ACTIVE: contextvars.ContextVar[_Recorder | None] = contextvars.ContextVar("meta
 
 
 def _linen_interceptor(next_fun, args, kwargs, context):
-  """Tape the `__call__` of supported linen layers; note any other method of theirs (e.g. `Embed.attend`)."""
+  """Tape the `__call__` of supported linen layers and `Embed.attend`; note any other method of theirs."""
   recorder = _ACTIVE.get()
-  found = None if recorder is None else _handler_of(type(context.module), LINEN_HANDLERS)
+  found = None if recorder is None else handlers.handler_of(type(context.module), handlers.LINEN_HANDLERS)
   if found is None or context.method_name == "setup":
     return next_fun(*args, **kwargs)
   base, handler = found
   module = context.module
   params = dict(module.variables.get("params", {}))
   name = "/".join(str(p) for p in module.path) or type(module).__name__
-  if context.method_name != "__call__" or len(args) != 1:
-    recorder.skip(name, base.__name__, recorder.leaves_of(params), f"it is also used through {context.method_name}")
+  method = context.method_name
+  if method == "attend" and base is nn.Embed:
+    handler, layer_type = handlers.ATTEND_HANDLER, "Embed.attend"
+  elif method == "__call__":
+    layer_type = base.__name__
+  else:
+    layer_type = None
+  if layer_type is None or len(args) != 1:
+    recorder.skip(name, base.__name__, recorder.leaves_of(params), f"it is also used through {method}")
     return next_fun(*args, **kwargs)
-  if type(module).__call__ is not base.__call__:
-    reason = f"its class {type(module).__name__} replaces {base.__name__}.__call__ (e.g. nn.remat)"
+  if getattr(type(module), method) is not getattr(base, method):
+    reason = f"its class {type(module).__name__} replaces {base.__name__}.{method} (e.g. nn.remat)"
     recorder.skip(name, base.__name__, recorder.leaves_of(params), reason)
     return next_fun(*args, **kwargs)
-  return recorder.visit(handler, module, base.__name__, name, params, lambda x: next_fun(x, **kwargs), args[0], kwargs)
+  return recorder.visit(handler, module, layer_type, name, params, lambda x: next_fun(x, **kwargs), args[0], kwargs)
 
 
 def _nnx_params(module) -> dict:
@@ -363,7 +207,7 @@ def _nnx_params(module) -> dict:
 _TAPED_CLASSES: dict[type, type] = {}
 
 
-def _taped_class(cls: type, base: type, handler: Handler) -> type:
+def _taped_class(cls: type, base: type, handler: handlers.Handler) -> type:
   """A subclass of the NNX layer class `cls` whose `__call__` reports to the active tape."""
   if cls not in _TAPED_CLASSES:
 
@@ -375,12 +219,13 @@ def _taped_class(cls: type, base: type, handler: Handler) -> type:
       options = dict(kwargs, **{f"arg{i}": a for i, a in enumerate(args)})
       return recorder.visit(handler, self, f"nnx.{base.__name__}", self._metasel_name, _nnx_params(self), call, x, options)
 
-    def attend(self, *args, **kwargs):
+    def attend(self, query, *args, **kwargs):
       recorder = _ACTIVE.get()
-      if recorder is not None:
-        recorder.skip(self._metasel_name, f"nnx.{base.__name__}", recorder.leaves_of(_nnx_params(self)),
-                      "it is also used through attend")
-      return cls.attend(self, *args, **kwargs)
+      call = lambda v: cls.attend(self, v, *args, **kwargs)  # noqa: E731
+      if recorder is None:
+        return call(query)
+      options = dict(kwargs, **{f"arg{i}": a for i, a in enumerate(args)})
+      return recorder.visit(handlers.ATTEND_HANDLER, self, "nnx.Embed.attend", self._metasel_name, _nnx_params(self), call, query, options)
 
     members = {"__call__": __call__, **({"attend": attend} if hasattr(cls, "attend") else {})}
     _TAPED_CLASSES[cls] = type(f"Taped{cls.__name__}", (cls,), members)
@@ -395,17 +240,19 @@ def hook_nnx(module: nnx.Module) -> None:
   if _ACTIVE.get() is None:
     return
   for path, node in nnx.iter_graph(module):
-    found = _handler_of(type(node), NNX_HANDLERS) if isinstance(node, nnx.Module) else None
+    found = handlers.handler_of(type(node), handlers.NNX_HANDLERS) if isinstance(node, nnx.Module) else None
     if found is not None and type(node).__call__ is found[0].__call__:
       node.__class__ = _taped_class(type(node), *found)
       object.__setattr__(node, "_metasel_name", "/".join(str(p) for p in path) or type(module).__name__)
 
 
 @contextlib.contextmanager
-def _recording(recorder: _Recorder):
+def _recording(recorder: _Recorder, inline_jit: bool):
+  """Tape the layers of the model run inside; with `inline_jit`, `jax.jit` inside the model (`nn.jit`, a
+  jitted `__call__`) is inlined, so that its layers run in the taped trace, not a cached one the tape never sees."""
   token = _ACTIVE.set(recorder)
   try:
-    with nn.intercept_methods(_linen_interceptor):
+    with nn.intercept_methods(_linen_interceptor), jax.disable_jit() if inline_jit else contextlib.nullcontext():
       yield recorder
   finally:
     _ACTIVE.reset(token)
@@ -415,28 +262,103 @@ def _recording(recorder: _Recorder):
 # Taped passes.
 
 
-def forward(model: Model, params, x: jax.Array, *, perturbations: dict | None = None, steps: dict | None = None) -> Forward:
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What one trace of the forward pass on a batch's shapes finds, for the taped passes that follow.
+
+  Attributes:
+    call_outputs: each taped call's output shape, where its perturbation goes (`zero_perturbations`).
+    stray: a `Skipped` for each taped leaf that also reaches the outputs outside the calls owning it.
+    inline_jit: whether `jax.jit` inside the model is inlined, so that the layers under it are taped.
+  """
+
+  call_outputs: tuple[jax.ShapeDtypeStruct, ...]
+  stray: tuple[Skipped, ...]
+  inline_jit: bool
+
+
+_JIT = frozenset({"jit", "pjit"})
+
+
+def _taped_pass(model: Model, params, x: jax.Array, perturbations=None, steps=None, *, inline_jit: bool, scoped: bool = False):
+  """The model's raw output on x and the recorder of its supported layer calls."""
+  with _recording(_Recorder(params, x.shape[0], perturbations, steps, scoped), inline_jit) as recorder:
+    raw = model.apply(params, x)
+  return raw, recorder
+
+
+def _scoped_trace(model: Model, params, x: jax.Array, inline_jit: bool):
+  """The forward pass traced to a jaxpr with each layer call under a name scope of its own, and its recorder."""
+  seen = {}
+
+  def outputs(p, v):
+    raw, seen["recorder"] = _taped_pass(model, p, v, inline_jit=inline_jit, scoped=True)
+    return split_outputs(raw, v.shape[0])[0]
+
+  return jax.make_jaxpr(outputs)(params, x), seen["recorder"]
+
+
+def make_plan(model: Model, params, x: jax.Array) -> Plan:
+  """Trace the forward pass once (nothing runs) to find which taped leaves the ghost algebra may claim.
+
+  A leaf is claimed only if every use of it on the way to the outputs is inside a taped call that owns
+  it (`metasel.uses`). When some parameter reaches the outputs through `jax.jit` inside the model, the
+  pass is traced again with that jit inlined, and the taped passes that follow inline it too.
+  """
+  num_leaves = len(jax.tree.leaves(params))
+  for inline_jit in (False, True):
+    closed, recorder = _scoped_trace(model, params, x, inline_jit)
+    stray = uses.stray_uses(closed, num_leaves, recorder.owners)
+    if inline_jit or not any(use.primitive in _JIT for use in stray.values()):
+      break
+  owner = {i: call.info for call in recorder.calls for i in call.info.leaves}
+  skipped = tuple(Skipped(owner[i].name, owner[i].layer_type, (i,), use.reason) for i, use in stray.items() if i in owner)
+  return Plan(tuple(call.output for call in recorder.calls), skipped, inline_jit)
+
+
+def _shared_skips(calls: list[Call]) -> list[Skipped]:
+  """A `Skipped` for each taped layer that shares a leaf with a layer owning other leaves too.
+
+  Calls owning the same leaves are joined into one layer (`joined_calls`); two layers that share only some
+  (a kernel tied between two layers with biases of their own) would each miss the other's term.
+  """
+  layers = {call.info.leaves: call.info for call in calls}
+  skipped = []
+  for leaves, info in layers.items():
+    others = [other for key, other in layers.items() if key != leaves and set(key) & set(leaves)]
+    if others:
+      names = ", ".join(f"{o.name} ({o.layer_type})" for o in others)
+      skipped.append(Skipped(info.name, info.layer_type, leaves, f"it shares parameters with {names}, which own other parameters too"))
+  return skipped
+
+
+def forward(
+    model: Model, params, x: jax.Array, *, perturbations: dict | None = None, steps: dict | None = None,
+    plan: Plan | None = None,
+) -> Forward:
   """Run `model` on x (B, ...) taping every supported layer; returns outputs, embeddings and the calls.
 
   `perturbations` ({call index: array of the call's output shape}, from `zero_perturbations`) are added
   to the layers' outputs, so that their gradients are the loss-to-output gradients. `steps` ({layer
   leaves: `ghost.step_factors` of one sample}) changes those layers' parameters by that sample's step,
   without forming it. When the model returns logits only, the embedding is the input of its last dense
-  layer, flattened to (B, D).
+  layer, flattened to (B, D). `skipped` names every layer the ghost algebra may not use: those the tape
+  could not take, and those whose parameters reach the outputs some other way too. `plan`: a `make_plan`
+  of this model on x's shapes, to share (made here when None).
   """
   batch = x.shape[0]
-  with _recording(_Recorder(params, batch, perturbations, steps)) as recorder:
-    raw = model.apply(params, x)
+  plan = make_plan(model, params, x) if plan is None else plan
+  raw, recorder = _taped_pass(model, params, x, perturbations, steps, inline_jit=plan.inline_jit)
   outputs, embeddings = split_outputs(raw, batch)
   if embeddings is None and recorder.last_dense_input is not None and recorder.last_dense_input.shape[0] == batch:
     embeddings = recorder.last_dense_input.reshape(batch, -1)
-  return Forward(outputs, embeddings, tuple(recorder.calls), tuple(recorder.skipped))
+  skipped = tuple(recorder.skipped) + plan.stray + tuple(_shared_skips(recorder.calls))
+  return Forward(outputs, embeddings, tuple(recorder.calls), skipped)
 
 
-def zero_perturbations(model: Model, params, x: jax.Array) -> dict[int, jax.Array]:
-  """Zeros shaped like every taped call's output for this batch ({} when nothing is taped)."""
-  shapes = jax.eval_shape(lambda p, v: forward(model, p, v), params, x)
-  return {i: jnp.zeros(call.output.shape, call.output.dtype) for i, call in enumerate(shapes.calls)}
+def zero_perturbations(plan: Plan) -> dict[int, jax.Array]:
+  """Zeros shaped like every taped call's output in the planned pass ({} when nothing is taped)."""
+  return {i: jnp.zeros(output.shape, output.dtype) for i, output in enumerate(plan.call_outputs)}
 
 
 def joined_calls(calls: tuple[Call, ...]) -> list[list[int]]:
@@ -447,18 +369,46 @@ def joined_calls(calls: tuple[Call, ...]) -> list[list[int]]:
   return list(grouped.values())
 
 
-def layer_rows(fwd: Forward) -> tuple[tuple[LayerInfo, jax.Array], ...]:
-  """Each taped layer's input rows (B, T, in), calls of a layer joined along the positions, as in `assemble`."""
-  return tuple(
-      (fwd.calls[group[0]].info, jnp.concatenate([fwd.calls[i].rows for i in group], axis=1))
-      for group in joined_calls(fwd.calls)
-  )
+def _tied_split(fwd: Forward, group: list[int]) -> tuple[list[int], list[int]] | None:
+  """(lookup calls, head calls) of a table used through `attend` too; None for any other layer."""
+  heads = [i for i in group if fwd.calls[i].info.kind == ATTEND]
+  return ([i for i in group if fwd.calls[i].info.kind == EMBED], heads) if heads else None
+
+
+def _joined(parts: list[jax.Array], empty: jax.Array) -> jax.Array:
+  """Values of a layer's calls joined along the positions (axis 1); `empty` when there are none."""
+  return jnp.concatenate(parts, axis=1) if parts else empty
+
+
+def layer_rows(fwd: Forward) -> tuple[tuple[LayerInfo, Any], ...]:
+  """Each taped layer's input rows (B, T, in), calls of a layer joined along the positions, as in `assemble`.
+
+  A table used through `attend` too is one "tied" layer whose rows are the pair (ids (B, T), h (B, S, dim)).
+  """
+  out = []
+  for group in joined_calls(fwd.calls):
+    info, rows = fwd.calls[group[0]].info, [fwd.calls[i].rows for i in group]
+    tied = _tied_split(fwd, group)
+    if tied is None:
+      out.append((info, jnp.concatenate(rows, axis=1)))
+      continue
+    lookups, heads = ([fwd.calls[i].rows for i in part] for part in tied)
+    ids = _joined(lookups, jnp.zeros((heads[0].shape[0], 0), jnp.int32))
+    out.append((LayerInfo(info.name, TIED, info.layer_type.removesuffix(".attend"), info.roles), (ids, _joined(heads, None))))
+  return tuple(out)
 
 
 def assemble(fwd: Forward, output_grads: dict[int, jax.Array], losses: jax.Array) -> Tape:
   """A `Tape` from a taped forward pass and the gradients of its perturbations, calls of a layer joined."""
+  batch = losses.shape[0]
+  grads_of = lambda i: output_grads[i].reshape(batch, fwd.calls[i].rows.shape[1], -1)  # noqa: E731  (B, T, out)
   layers = []
   for (info, rows), group in zip(layer_rows(fwd), joined_calls(fwd.calls)):
-    grads = [output_grads[i].reshape(rows.shape[0], fwd.calls[i].rows.shape[1], -1) for i in group]  # (B, T, out)
-    layers.append(LayerTape(info, rows, jnp.concatenate(grads, axis=1)))
+    tied = _tied_split(fwd, group)
+    if tied is None:
+      layers.append(LayerTape(info, rows, jnp.concatenate([grads_of(i) for i in group], axis=1)))
+      continue
+    g = _joined([grads_of(i) for i in tied[1]], None)  # (B, S, V)
+    d = _joined([grads_of(i) for i in tied[0]], jnp.zeros((batch, 0, rows[1].shape[-1]), g.dtype))  # (B, T, dim)
+    layers.append(LayerTape(info, rows, (d, g)))
   return Tape(losses, fwd.outputs, fwd.embeddings, tuple(layers), fwd.skipped)

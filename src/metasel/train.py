@@ -200,14 +200,15 @@ def make_epoch(
     batch = parallel.constrain_rows(batch, "batch_size")
     val_rows = core.validation_rows(val_key, val_x.shape[0], val_batch_size)
 
+    plan = tape.make_plan(model, state.params, batch.x)
+
     def forward(params, perturbations):
-      fwd = tape.forward(model, params, batch.x, perturbations=perturbations)
+      fwd = tape.forward(model, params, batch.x, perturbations=perturbations, plan=plan)
       return loss_fn(fwd.outputs, batch.y), fwd
 
     # One forward pass serves the method (losses, outputs, embeddings) and the weighted gradient; its zero
     # perturbations make the same backward pass yield every taped layer's output gradients.
-    perturbations = tape.zero_perturbations(model, state.params, batch.x)
-    per_sample, pullback, fwd = jax.vjp(forward, state.params, perturbations, has_aux=True)
+    per_sample, pullback, fwd = jax.vjp(forward, state.params, tape.zero_perturbations(plan), has_aux=True)
     # Unit-weight output gradients: compiled away unless the method reads them.
     batch_tape = tape.assemble(fwd, pullback(jnp.ones_like(per_sample))[1], per_sample)
     ctx = core.StepContext(
