@@ -135,7 +135,7 @@ def test_a_table_used_as_its_own_head_takes_the_ghost_path():
   ids = jnp.array([[1, 2, 3], [4, 4, 5]])
   params = models.init(model, jax.random.key(0), (3,), jnp.int32)
   report = persample.coverage(model, params, ids)
-  assert report.ghost["Embed_0/embedding"] == "Embed_0 (Embed.attend)" and not report.fallback
+  assert report.ghost["Embed_0/embedding"] == "Embed_0 (Embed + Embed.attend)" and not report.fallback
   y = jnp.array([3, 7])
   expected = [
       float(optax.global_norm(jax.grad(lambda p: persample.losses(model, p, ids[i : i + 1], y[i : i + 1], LOSS)[0])(params)))

@@ -5,8 +5,8 @@ tied to the token table through a nested `.apply` or through `Embed.attend`, a k
 layer, a weight-normalised kernel, a parameter fed into another layer, a layer called twice, a shared
 scope, `nn.jit` / `nn.remat` / `nn.scan` around parts, boxed partitioned parameters, and NNX twins.
 Per-sample norms, dots, ghost influence, interactions and one-step contributions are compared with a
-naive per-example loop in float64 (1e-5 relative), and `coverage` must name the path each leaf takes and
-why.
+naive per-example loop in float64 (1e-5 relative), norms and interactions again at parameters and batches
+drawn by hypothesis, and `coverage` must name the path each leaf takes and why.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from metasel import contributions, influence, models, persample
 
@@ -392,6 +394,35 @@ def test_every_quantity_matches_the_per_example_loop(name):
   _close(jax.jit(scorer.interactions)(params, x, y), grads @ grads.T)
   stepped = jax.jit(lambda p: contributions.contributions(model, LOSS, p, x, y, val_x, val_y, ETA))(params)
   _close(stepped, want["contributions"])
+
+
+@functools.cache
+def _programs(name: str):
+  """Jitted ghost norms, ghost interactions and one-sample gradient of a case, compiled once for every draw."""
+  problem = _problem(name)
+  model = problem.model
+  return (
+      jax.jit(lambda p, x, y: persample.grad_norms(model, p, x, y, LOSS)),
+      jax.jit(influence.ghost_scorer(model, LOSS).interactions),
+      jax.jit(jax.grad(lambda p, x, y: _mean_loss(problem, p, x, y))),
+  )
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**20))
+def test_norms_and_interactions_match_the_loop_at_any_parameters_and_batch(name, seed):
+  problem = _problem(name)
+  norms, interactions, grad = _programs(name)
+  noise = jax.random.split(jax.random.key(seed), len(jax.tree.leaves(problem.params)))
+  params = jax.tree.unflatten(
+      jax.tree.structure(problem.params),
+      [leaf + 0.3 * jax.random.normal(k, jnp.shape(leaf), jnp.float64) for leaf, k in zip(jax.tree.leaves(problem.params), noise)],
+  )
+  x, y = _inputs(jax.random.key(seed + 1), BATCH, CASES[name].tokens)
+  grads = np.stack([_flat(grad(params, x[i : i + 1], y[i : i + 1])) for i in range(BATCH)])
+  _close(norms(params, x, y), np.linalg.norm(grads, axis=1))
+  _close(interactions(params, x, y), grads @ grads.T)
 
 
 @pytest.mark.parametrize("name", list(CASES))

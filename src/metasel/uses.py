@@ -8,8 +8,11 @@ jaxpr with each layer call under a name scope of its own, and every equation tha
 leaf and contributes to the outputs must sit inside a taped call that owns that leaf. Any other use puts
 the leaf on the `vmap` path, with the use named in the reason.
 
-This is exact (it reads what the computation does, not which layers were intercepted) and costs one
-trace of the forward pass at trace time, nothing in the compiled program.
+This is exact (it reads what the computation does, not which layers were intercepted) and costs nothing
+in the compiled program; the trace it reads is the one the tape takes anyway to shape its perturbations
+(`metasel.tape.make_plan`). It trusts each supported layer's own call to use its parameters as that layer
+class does: a subclass that changes the call, or parameters the call receives computed (`nn.WeightNorm`),
+are refused by the tape before this check.
 """
 
 from __future__ import annotations
