@@ -143,7 +143,7 @@ def _table_parts(layer: LayerTape) -> tuple[jax.Array, jax.Array, jax.Array | No
 def _check_layer(layer: LayerTape) -> None:
   """The tape's invariant: rows and gradients agree on the batch and the positions."""
   if layer.info.kind == TIED:
-    (ids, h), (d, g) = layer.rows, layer.grads
+    ids, d, h, g = _table_parts(layer)
     chex.assert_rank((ids, h, d, g), (2, 3, 3, 3))
     chex.assert_equal_shape_prefix((ids, d), 2)
     chex.assert_equal_shape_prefix((h, g), 2)
@@ -162,7 +162,7 @@ def sq_norms(layer: LayerTape) -> jax.Array:
   if kind == EMBED:
     return _embed_sq_norms(layer.rows, layer.grads)
   if kind == TIED:
-    (ids, h), (d, g) = layer.rows, layer.grads
+    ids, d, h, g = _table_parts(layer)
     lookup_head = jnp.sum(jnp.take_along_axis(g, ids[:, None, :], axis=2) * jnp.einsum("btd,bsd->bst", d, h), axis=(1, 2))
     return _embed_sq_norms(ids, d) + _dense_kernel_sq_norms(h, g) + 2 * lookup_head
   total = _dense_kernel_sq_norms(layer.rows, layer.grads)
@@ -180,7 +180,7 @@ def dots(layer: LayerTape, reference: dict[str, jax.Array]) -> jax.Array:
   if kind == EMBED:
     return jnp.sum(reference["embedding"][layer.rows] * layer.grads, axis=(1, 2))
   if kind == TIED:
-    (ids, h), (d, g), table = layer.rows, layer.grads, reference["embedding"]  # table (V, dim)
+    (ids, d, h, g), table = _table_parts(layer), reference["embedding"]  # table (V, dim)
     return jnp.sum(table[ids] * d, axis=(1, 2)) + jnp.sum((g @ table) * h, axis=(1, 2))
   kernel = reference["kernel"].reshape(layer.rows.shape[-1], -1)  # (in, out)
   total = jnp.sum((layer.rows @ kernel) * layer.grads, axis=(1, 2))
@@ -211,8 +211,8 @@ def _embed_cross(ids: jax.Array, d: jax.Array, ids2: jax.Array, d2: jax.Array) -
 
 def _tied_cross(layer: LayerTape, other: LayerTape) -> jax.Array:
   """Tied-table gradient dot products (B, C): lookup-lookup, head-head and both lookup-head cross terms."""
-  (ids, h), (d, g) = layer.rows, layer.grads
-  (ids2, h2), (d2, g2) = other.rows, other.grads
+  ids, d, h, g = _table_parts(layer)
+  ids2, d2, h2, g2 = _table_parts(other)
   lookup_head = jnp.einsum("csbt,bcts->bc", jnp.take(g2, ids, axis=2), jnp.einsum("btd,csd->bcts", d, h2))
   head_lookup = jnp.einsum("bsct,bcst->bc", jnp.take(g, ids2, axis=2), jnp.einsum("bsd,ctd->bcst", h, d2))
   return _embed_cross(ids, d, ids2, d2) + _dense_cross(h, g, h2, g2) + lookup_head + head_lookup
@@ -286,7 +286,7 @@ def step_factors(layer: LayerTape, scale: jax.Array | float):
   if layer.info.kind == NORM:
     return {role: scale * g for role, g in _norm_grads(layer).items()}
   if layer.info.kind == TIED:
-    (ids, h), (d, g) = layer.rows, layer.grads
+    ids, d, h, g = _table_parts(layer)
     return TiedFactors((ids, scale * d), (h, scale * g))
   return layer.rows, scale * layer.grads
 

@@ -364,12 +364,13 @@ def coverage(model: ModelLike, params: Params, x: jax.Array) -> Coverage:
   names = leaf_names(params)
   sizes = [int(np.prod(jnp.shape(leaf))) for leaf in jax.tree.leaves(params)]
   reasons = {i: f"{s.name} ({s.layer_type}): {s.reason}" for s in fwd.skipped for i in s.leaves}
-  uses_of: dict[int, tuple[str, list[str]]] = {}  # leaf -> (layer name, the layer types of its calls)
+  layer_of: dict[int, str] = {}  # leaf -> the layer that owns it
+  types_of: dict[int, dict[str, None]] = {}  # leaf -> the layer types of its calls, in order
   for c in fwd.calls:
     for i in c.info.leaves:
-      types = uses_of.setdefault(i, (c.info.name, []))[1]
-      types.extend([] if c.info.layer_type in types else [c.info.layer_type])
-  owners = {i: f"{name} ({' + '.join(types)})" for i, (name, types) in uses_of.items()}  # "wte (Embed + Embed.attend)"
+      layer_of.setdefault(i, c.info.name)
+      types_of.setdefault(i, {})[c.info.layer_type] = None
+  owners = {i: f"{layer_of[i]} ({' + '.join(types_of[i])})" for i in layer_of}  # e.g. "wte (Embed + Embed.attend)"
   for call in fwd.calls:  # a layer the ghost algebra may not use (`Tape.ghost_layers`) takes all its leaves along
     held = [j for j in call.info.leaves if j in reasons]
     for i in call.info.leaves:

@@ -207,25 +207,25 @@ def _nnx_params(module) -> dict:
 _TAPED_CLASSES: dict[type, type] = {}
 
 
+def _nnx_visit(module, handler: handlers.Handler, layer_type: str, method: Callable, x, args, kwargs):
+  """Run `method(module, x, *args, **kwargs)` of an NNX layer, reporting it to the active tape if any."""
+  recorder = _ACTIVE.get()
+  call = lambda v: method(module, v, *args, **kwargs)  # noqa: E731
+  if recorder is None:
+    return call(x)
+  options = dict(kwargs, **{f"arg{i}": a for i, a in enumerate(args)})
+  return recorder.visit(handler, module, layer_type, module._metasel_name, _nnx_params(module), call, x, options)
+
+
 def _taped_class(cls: type, base: type, handler: handlers.Handler) -> type:
-  """A subclass of the NNX layer class `cls` whose `__call__` reports to the active tape."""
+  """A subclass of the NNX layer class `cls` whose `__call__` (and `attend`) report to the active tape."""
   if cls not in _TAPED_CLASSES:
 
     def __call__(self, x, *args, **kwargs):
-      recorder = _ACTIVE.get()
-      call = lambda v: cls.__call__(self, v, *args, **kwargs)  # noqa: E731
-      if recorder is None:
-        return call(x)
-      options = dict(kwargs, **{f"arg{i}": a for i, a in enumerate(args)})
-      return recorder.visit(handler, self, f"nnx.{base.__name__}", self._metasel_name, _nnx_params(self), call, x, options)
+      return _nnx_visit(self, handler, f"nnx.{base.__name__}", cls.__call__, x, args, kwargs)
 
     def attend(self, query, *args, **kwargs):
-      recorder = _ACTIVE.get()
-      call = lambda v: cls.attend(self, v, *args, **kwargs)  # noqa: E731
-      if recorder is None:
-        return call(query)
-      options = dict(kwargs, **{f"arg{i}": a for i, a in enumerate(args)})
-      return recorder.visit(handlers.ATTEND_HANDLER, self, "nnx.Embed.attend", self._metasel_name, _nnx_params(self), call, query, options)
+      return _nnx_visit(self, handlers.ATTEND_HANDLER, f"nnx.{base.__name__}.attend", cls.attend, query, args, kwargs)
 
     members = {"__call__": __call__, **({"attend": attend} if hasattr(cls, "attend") else {})}
     _TAPED_CLASSES[cls] = type(f"Taped{cls.__name__}", (cls,), members)
@@ -375,9 +375,23 @@ def _tied_split(fwd: Forward, group: list[int]) -> tuple[list[int], list[int]] |
   return ([i for i in group if fwd.calls[i].info.kind == EMBED], heads) if heads else None
 
 
-def _joined(parts: list[jax.Array], empty: jax.Array) -> jax.Array:
-  """Values of a layer's calls joined along the positions (axis 1); `empty` when there are none."""
-  return jnp.concatenate(parts, axis=1) if parts else empty
+def _layer_info(fwd: Forward, group: list[int]) -> LayerInfo:
+  """The layer of a group of calls: its first call's, made "tied" for a table used through `attend` too."""
+  info = fwd.calls[group[0]].info
+  if _tied_split(fwd, group) is None:
+    return info
+  return LayerInfo(info.name, TIED, info.layer_type.removesuffix(".attend"), info.roles)
+
+
+def _joined(fwd: Forward, group: list[int], value_of: Callable[[int], jax.Array], no_lookup: Callable[[jax.Array], jax.Array]):
+  """`value_of(call)` of a layer's calls joined along the positions (axis 1); for a tied table, the pair
+  (lookups, heads), the lookups being `no_lookup(heads)` when the table is used through `attend` alone."""
+  tied = _tied_split(fwd, group)
+  if tied is None:
+    return jnp.concatenate([value_of(i) for i in group], axis=1)
+  lookups, heads = tied
+  head = jnp.concatenate([value_of(i) for i in heads], axis=1)
+  return (jnp.concatenate([value_of(i) for i in lookups], axis=1) if lookups else no_lookup(head)), head
 
 
 def layer_rows(fwd: Forward) -> tuple[tuple[LayerInfo, Any], ...]:
@@ -385,17 +399,10 @@ def layer_rows(fwd: Forward) -> tuple[tuple[LayerInfo, Any], ...]:
 
   A table used through `attend` too is one "tied" layer whose rows are the pair (ids (B, T), h (B, S, dim)).
   """
-  out = []
-  for group in joined_calls(fwd.calls):
-    info, rows = fwd.calls[group[0]].info, [fwd.calls[i].rows for i in group]
-    tied = _tied_split(fwd, group)
-    if tied is None:
-      out.append((info, jnp.concatenate(rows, axis=1)))
-      continue
-    lookups, heads = ([fwd.calls[i].rows for i in part] for part in tied)
-    ids = _joined(lookups, jnp.zeros((heads[0].shape[0], 0), jnp.int32))
-    out.append((LayerInfo(info.name, TIED, info.layer_type.removesuffix(".attend"), info.roles), (ids, _joined(heads, None))))
-  return tuple(out)
+  no_ids = lambda h: jnp.zeros((h.shape[0], 0), jnp.int32)  # noqa: E731
+  return tuple(
+      (_layer_info(fwd, group), _joined(fwd, group, lambda i: fwd.calls[i].rows, no_ids)) for group in joined_calls(fwd.calls)
+  )
 
 
 def assemble(fwd: Forward, output_grads: dict[int, jax.Array], losses: jax.Array) -> Tape:
@@ -404,11 +411,6 @@ def assemble(fwd: Forward, output_grads: dict[int, jax.Array], losses: jax.Array
   grads_of = lambda i: output_grads[i].reshape(batch, fwd.calls[i].rows.shape[1], -1)  # noqa: E731  (B, T, out)
   layers = []
   for (info, rows), group in zip(layer_rows(fwd), joined_calls(fwd.calls)):
-    tied = _tied_split(fwd, group)
-    if tied is None:
-      layers.append(LayerTape(info, rows, jnp.concatenate([grads_of(i) for i in group], axis=1)))
-      continue
-    g = _joined([grads_of(i) for i in tied[1]], None)  # (B, S, V)
-    d = _joined([grads_of(i) for i in tied[0]], jnp.zeros((batch, 0, rows[1].shape[-1]), g.dtype))  # (B, T, dim)
-    layers.append(LayerTape(info, rows, (d, g)))
+    no_grads = lambda g: jnp.zeros((batch, 0, rows[1].shape[-1]), g.dtype)  # noqa: E731  d (B, 0, dim) of no lookup
+    layers.append(LayerTape(info, rows, _joined(fwd, group, grads_of, no_grads)))
   return Tape(losses, fwd.outputs, fwd.embeddings, tuple(layers), fwd.skipped)
