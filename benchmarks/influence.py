@@ -153,7 +153,7 @@ def bench(model, params, train_pool, val_pool, batch: int, steps: int, rounds: i
         params, tx.init(params), method.init(jax.random.key(2), num_train), signals.tracker_init(num_train),
         jnp.zeros((), jnp.int32), jax.random.key(3),
     )
-    fns[name] = (jax.jit(train.make_epoch(model, loss_fn, tx, method, VAL_BATCH)), (state, data, batches))
+    fns[name] = (jax.jit(train.make_epoch(train.make_step(model, loss_fn, tx, method, num_train=num_train, track_dynamics=True), VAL_BATCH)), (state, data, batches))
 
   x, y = train_pool[0][:batch], train_pool[1][:batch]
   val_x, val_y = val_pool[0][:VAL_BATCH], val_pool[1][:VAL_BATCH]

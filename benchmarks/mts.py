@@ -70,7 +70,7 @@ def step_times(model, batch: int, val_batches: tuple[int, ...], steps: int, roun
           params, tx.init(params), method.init(jax.random.key(2), batch * steps),
           signals.tracker_init(batch * steps), jnp.zeros((), jnp.int32), jax.random.key(3),
       )
-      epoch = jax.jit(train.make_epoch(model, loss_fn, tx, method, val_batch))
+      epoch = jax.jit(train.make_epoch(train.make_step(model, loss_fn, tx, method, num_train=batch * steps, track_dynamics=True), val_batch))
       jax.block_until_ready(epoch(state, data, batches))  # compile
       programs[name, val_batch] = (epoch, state)
   samples = {key: [] for key in programs}

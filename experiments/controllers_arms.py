@@ -4,14 +4,13 @@ each run's curve metrics against its paired uniform run."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Any
 
 import numpy as np
 import optax
 
-from metasel import adapters, checks, controllers, curves, data, train
+from metasel import adapters, checks, controllers, curves, data, records, train
 from metasel.controllers import scores as scoring
 
 ARMS = (
@@ -147,10 +146,10 @@ def make_arm(name: str, settings: ArmSettings, plan: Budget, batch_size: int, pi
   return build[name]()
 
 
-@functools.cache
+@records.valued
 def schedule_optimizer(learning_rate: float, total_steps: int) -> optax.GradientTransformation:
-  """Adam on a cosine schedule decayed to zero over the budget: one object per (rate, budget), so every arm and seed
-  of a scale shares its compiled epoch."""
+  """Adam on a cosine schedule decayed to zero over the budget: a record equal for equal (rate, budget), so every
+  arm and seed of a scale shares its compiled epoch."""
   return optax.adam(optax.cosine_decay_schedule(learning_rate, total_steps))
 
 

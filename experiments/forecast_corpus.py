@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metasel import adapters, checks, core, data, persample, runs, signals, train
+from metasel import adapters, checks, data, persample, runs, signals, train
 from metasel_experiments import data_file, forecast_report, make_model, shared_data
 
 NAME = "forecast-corpus"
@@ -120,22 +120,25 @@ def load_family(spec: str, config: Config, noise: float) -> data.Dataset:
   return data.synthetic.label_noise(dataset, noise, seed=config.data_seed) if noise > 0 else dataset
 
 
-@functools.lru_cache(maxsize=8)
-def _programs(model: adapters.Model, loss_fn, batch_size: int):
-  """The seed-batched epoch and pool evaluation of one model (shared by every rate, noise and seed count)."""
-  epoch = train.make_epoch(model, loss_fn, train.make_optimizer("adam"), core.uniform(), batch_size, False)
+@functools.partial(jax.jit, static_argnums=1, donate_argnums=2)
+def _batched_epoch(step: train.Step, batch_size: int, state, epoch_data, batches):
+  """One epoch of every seed at once (states and batches stacked over seeds; shared by every rate and noise)."""
+  return jax.vmap(train.make_epoch(step, batch_size), in_axes=(0, None, 0))(state, epoch_data, batches)
 
-  def evaluate(params, tracker, train_x, train_y, val_x, val_y):
-    logits = persample.outputs(model, params, train_x)
-    losses = loss_fn(logits, train_y)
-    tracker = signals.tracker_update(tracker, jnp.arange(train_y.shape[0]), losses, logits, train_y)
-    norms = persample.grad_norms(model, params, train_x, train_y, loss_fn)
-    summary = signals.pool_summary(tracker, losses, logits, train_y, norms)
-    return tracker, {**train.evaluate(model, loss_fn, params, val_x, val_y), **summary}
 
-  batched_epoch = jax.jit(jax.vmap(epoch, in_axes=(0, None, 0)), donate_argnums=0)
-  batched_evaluate = jax.jit(jax.vmap(evaluate, in_axes=(0, 0, None, None, None, None)))
-  return batched_epoch, batched_evaluate
+def _evaluate(model, loss_fn, params, tracker, train_x, train_y, val_x, val_y):
+  """One seed's pool summary and validation metrics after an epoch, and its tracker with the pool recorded."""
+  logits = persample.outputs(model, params, train_x)
+  losses = loss_fn(logits, train_y)
+  tracker = signals.tracker_update(tracker, jnp.arange(train_y.shape[0]), losses, logits, train_y)
+  norms = persample.grad_norms(model, params, train_x, train_y, loss_fn)
+  summary = signals.pool_summary(tracker, losses, logits, train_y, norms)
+  return tracker, {**train.evaluate(model, loss_fn, params, val_x, val_y), **summary}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _batched_evaluate(model, loss_fn, params, tracker, *splits):
+  return jax.vmap(functools.partial(_evaluate, model, loss_fn), in_axes=(0, 0, None, None, None, None))(params, tracker, *splits)
 
 
 def train_seeds(model, dataset: data.Dataset, learning_rate: float, seeds, epochs: int, batch_size: int) -> list[list[dict]]:
@@ -146,8 +149,8 @@ def train_seeds(model, dataset: data.Dataset, learning_rate: float, seeds, epoch
   """
   model = adapters.as_model(model)
   loss_fn = train.loss_fn_for(dataset)
-  batched_epoch, batched_evaluate = _programs(model, loss_fn, batch_size)
   tx = train.make_optimizer("adam", learning_rate)
+  step = train.make_step(model, loss_fn, train.make_optimizer("adam"))  # one program for every rate (in the state)
   num_train = len(dataset.train)
 
   def initial(seed):
@@ -164,8 +167,8 @@ def train_seeds(model, dataset: data.Dataset, learning_rate: float, seeds, epoch
   records: list[list[dict]] = [[] for _ in seeds]
   for epoch in range(epochs):
     batches = jax.vmap(lambda key: data.epoch_batches(jax.random.fold_in(key, epoch), num_train, batch_size))(order_keys)
-    state, step_metrics = batched_epoch(state, epoch_data, batches)
-    tracker, evaluation = batched_evaluate(state.params, tracker, *epoch_data)
+    state, step_metrics = _batched_epoch(step, batch_size, state, epoch_data, batches)
+    tracker, evaluation = _batched_evaluate(model, loss_fn, state.params, tracker, *epoch_data)
     mean_loss, evaluation = np.asarray(step_metrics["mean_loss"]).mean(axis=1), jax.device_get(evaluation)
     for i in range(len(seeds)):
       record = {"epoch": epoch + 1, "train/mean_loss": float(mean_loss[i])}

@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from metasel import adapters, contributions, core, data, influence, runs, stats, train
+from metasel import adapters, contributions, data, influence, runs, stats, train
 from metasel.data import sampling
 from metasel_experiments import ci_text, data_file, influence_common, interval
 
@@ -217,7 +217,7 @@ class Programs:
   def __init__(self, model, loss_fn, config: Config):
     self.model, self.loss_fn, self.config = model, loss_fn, config
     self.tx = train.make_optimizer("adam", config.learning_rate)
-    epoch = train.make_epoch(model, loss_fn, self.tx, core.uniform(), config.val_batch_size, track_dynamics=False)
+    epoch = train.make_epoch(train.make_step(model, loss_fn, self.tx), config.val_batch_size)
     self.epoch = jax.jit(epoch, donate_argnums=0)
     self.evaluate = jax.jit(lambda p, x, y: train.evaluate(model, loss_fn, p, x, y))
     named = influence_common.scorers(model, loss_fn)

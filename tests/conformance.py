@@ -2,7 +2,7 @@
 
 `check_method` asserts: one step's jitted weights are finite, non-negative and sum to one (or, for
 importance weights, `normalised=False`, sum to a finite positive number), with finite
-metrics; two compiled epochs (`train.make_epoch`) keep the method state's structure, shapes and dtypes,
+metrics; two compiled epochs (`train.make_epoch` of `train.make_step`) keep the method state's structure, shapes and dtypes,
 with finite step metrics; and the epoch compiles once.
 """
 
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metasel import core, data, models, persample, signals, train
+from metasel import controllers, core, data, dvn, influence, models, mts, persample, selection, signals, train
 
 
 def blobs(n: int = 96, seed: int = 0, classes: int = 3, dim: int = 5) -> data.Dataset:
@@ -44,7 +44,7 @@ def step_context(model, loss_fn, params, arrays: tuple[jax.Array, ...], rows, va
   recorded = persample.record(model, params, batch.x, batch.y, loss_fn)
   return core.StepContext(
       params, batch, val_x[:val_size], val_y[:val_size], key, recorded.losses, recorded.outputs,
-      recorded.embeddings, train_x, train_y, recorded,
+      recorded.embeddings, (train_x, train_y), recorded,
   )
 
 
@@ -86,7 +86,8 @@ def check_method(
     assert float(jnp.sum(weights)) > 0
   assert all(np.isfinite(v) for v in jax.tree.leaves(metrics))
   # Two compiled epochs: finite metrics, and the method state keeps its structure, shapes and dtypes.
-  epoch = jax.jit(train.make_epoch(model, loss_fn, tx, method, batch_size))
+  step = train.make_step(model, loss_fn, tx, method, num_train=num_train, track_dynamics=True)
+  epoch = jax.jit(train.make_epoch(step, batch_size))
   batches = jnp.arange(num_train - num_train % batch_size).reshape(-1, batch_size)
   first, step_metrics = epoch(state, arrays, batches)
   second, _ = epoch(first, arrays, batches)
@@ -97,3 +98,31 @@ def check_method(
     np.testing.assert_allclose(step_metrics["effective_batch_size"] >= 1, True)
   assert epoch._cache_size() == 1
   return Checked(state, first, second, jax.device_get(step_metrics))
+
+
+def method_families(model, loss_fn, num_classes: int, *, num_train: int, batch_size: int) -> dict[str, Any]:
+  """One method of every family the library ships, built for `model`: the shared conformance list."""
+  ghost = influence.ghost_scorer(model, loss_fn)
+  lai = influence.lai_scorer(model, loss_fn)
+  features = mts.concat_features(mts.loss_features(model, loss_fn), mts.position_features(model, loss_fn, num_classes, knn=3))
+  drop = np.arange(num_train) % 5 == 0
+  return {
+      "uniform": core.uniform(),
+      "l2rw": mts.l2rw(model, loss_fn),
+      "mwn": mts.mwn(model, loss_fn),
+      "mts": mts.mts(model, loss_fn, features, meta_net=mts.MetaNet((8,))),
+      "mts-online": mts.mts(model, loss_fn, features, meta_net=mts.MetaNet((8,)), lookahead=False),
+      "dvn": dvn.dvn(model, loss_fn, period=2, num_samples=4),
+      "grad-norm": dvn.grad_norm_sampler(model, loss_fn),
+      "lai-sign": selection.sign_drop(lai),
+      "ghost-top-k": selection.top_k(ghost, batch_size // 2),
+      "greats": selection.greats(ghost, batch_size // 2, 0.1),
+      "spl": selection.self_paced(model, loss_fn),
+      "random-drop": selection.random_drop(0.25),
+      "oracle": selection.oracle(drop),
+      "curriculum": controllers.curriculum(np.arange(num_train, dtype=np.float64), ramp_steps=4),
+      "rescoring": controllers.rescoring(total_steps=8, refresh_every=2, model=model),
+      "importance": controllers.importance_sampling(batch_size // 2, threshold=1.0),
+      "loss-weighting": controllers.loss_weighting(2.0),
+      "infobatch": controllers.infobatch(total_steps=8, pass_steps=4),
+  }

@@ -31,14 +31,13 @@ def quick_runs(tmp_path_factory):
 
 # Checks the CI set keeps in a cheaper form, run with -m slow: the transformer's eager (op-by-op) variants, whose
 # jitted variants stay; the transformer through every method and one DVN step (the MLP, CNN, NNX and function
-# models stay); the whole epoch eager against jitted; the sharded programs on 8 devices (the two-process runs on
-# 4 devices stay).
+# models stay); the whole epoch eager against jitted. The sharded programs on 8 devices run in the CI set, in a
+# process of their own.
 SLOW_VARIANTS = (
     "eager-transformer]",
     "test_fit_runs_every_method_on_the_model[transformer]",
     "test_step_factors_of_one_sample_step_every_taped_layer_by_its_gradient[transformer]",
     "test_epoch_jit_equals_eager",
-    "test_sharded_programs_on_8_devices_equal_one_device",
 )
 
 

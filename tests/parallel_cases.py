@@ -190,7 +190,7 @@ def test_uneven_batch_is_a_clear_error_before_compute(mesh, dataset):
 def test_the_compiled_epoch_splits_the_batch_and_all_reduces(mesh, dataset):
   """Without this, the equalities above could hold with every device computing the whole batch."""
   tx = train.make_optimizer("adam", 1e-3)
-  epoch = jax.jit(train.make_epoch(MODEL, LOSS, tx, core.uniform(), 16, False), out_shardings=parallel.replicated(mesh))
+  epoch = jax.jit(train.make_epoch(train.make_step(MODEL, LOSS, tx), 16), out_shardings=parallel.replicated(mesh))
   params = models.init(MODEL, jax.random.key(0), dataset.input_shape)
   state = train.LoopState(params, tx.init(params), (), None, jnp.zeros((), jnp.int32), jax.random.key(0))
   arrays = tuple(jnp.asarray(a) for a in (dataset.train.x, dataset.train.y, dataset.val.x, dataset.val.y))

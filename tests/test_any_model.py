@@ -97,10 +97,10 @@ def test_fit_takes_any_optax_optimiser_and_schedule():
 def test_named_optimisers_share_one_compiled_epoch_across_learning_rates():
   case = ZOO["linen-mlp"]
   dataset = _dataset(case)
-  train._compiled_epoch.cache_clear()
+  jax.clear_caches()
   for rate in (1e-2, 3e-2):
     train.fit(case.model, dataset, train.TrainConfig(epochs=1, batch_size=8, val_batch_size=6, learning_rate=rate))
-  assert train._compiled_epoch.cache_info().misses == 1
+  assert train._fit_epoch._cache_size() == 1
   state = train.make_optimizer("adam", 3e-2).init(case.params)
   assert float(state.hyperparams["learning_rate"]) == pytest.approx(3e-2)
 

@@ -251,18 +251,28 @@ def test_steps_per_epoch_sets_the_evaluation_points_and_keeps_one_pass_epochs(mo
   assert [r["step"] for r in short.history] == [4, 8, 12]
 
 
-def test_controllers_differing_only_in_their_initial_state_share_one_compiled_epoch():
-  """The loop compiles one epoch per method record less its `init`: per-run data (an order, a table) must live in
-  the state, and equal settings must give the same step functions."""
+def test_controllers_are_values_and_per_run_data_are_their_leaves():
+  """Equal settings give equal, hashable records; records differing only in per-run arrays (an order, a table)
+  have one pytree structure, those arrays being their leaves, so `fit` compiles one epoch for both."""
   rng = np.random.default_rng(0)
-  pairs = [
-      (controllers.curriculum(rng.random(N), ramp_steps=10), controllers.curriculum(rng.random(N), ramp_steps=10)),
-      (controllers.rescoring("table", table=rng.random(N), total_steps=9), controllers.rescoring("table", table=rng.random(N), total_steps=9)),
+  equal = [
       (controllers.random_scores(total_steps=9), controllers.random_scores(total_steps=9)),
       (controllers.importance_sampling(8, exponent=0.5), controllers.importance_sampling(8, exponent=0.5)),
       (controllers.loss_weighting(2.0), controllers.loss_weighting(2.0)),
       (controllers.infobatch(total_steps=9, pass_steps=3), controllers.infobatch(total_steps=9, pass_steps=3)),
   ]
-  for a, b in pairs:
-    assert a._replace(init=None) == b._replace(init=None), a.name
+  for a, b in equal:
+    assert a == b and hash(a) == hash(b), a.name
   assert controllers.loss_weighting(2.0) != controllers.loss_weighting(0.5)
+  per_run = [
+      (controllers.curriculum(rng.random(N), ramp_steps=10), controllers.curriculum(rng.random(N), ramp_steps=10)),
+      (controllers.rescoring("table", table=rng.random(N), total_steps=9), controllers.rescoring("table", table=rng.random(N), total_steps=9)),
+  ]
+  dataset = blobs(N)
+  config = train.TrainConfig(epochs=1, batch_size=16, val_batch_size=16, track_dynamics=False)
+  for a, b in per_run:
+    assert a != b and jax.tree.structure(a) == jax.tree.structure(b), a.name
+    jax.clear_caches()
+    for method in (a, b):
+      train.fit(models.MLP((4,), num_outputs=3), dataset, config, method)
+    assert train._fit_epoch._cache_size() == 1, a.name

@@ -412,7 +412,7 @@ def test_regressor_fits_the_filled_part_of_its_memory(standardize_targets):
 def test_probe_reads_features_and_contributions_off_one_tape():
   model, loss_fn, params, x, y, vx, vy = _classifier_problem()
   features = dvn.proxy_features(model, loss_fn)
-  ctx = StepContext(params, Batch(jnp.arange(4), x[:4], y[:4]), vx, vy, jax.random.key(0), train_x=x, train_y=y)
+  ctx = StepContext(params, Batch(jnp.arange(4), x[:4], y[:4]), vx, vy, jax.random.key(0), pool=(x, y))
   rows = jnp.array([5, 0, 11, 3])
   probe = jax.jit(dvn.probe, static_argnums=(0, 1, 2), static_argnames=("target", "first_order"))
   exact = probe(model, loss_fn, features, ctx, rows, ETA)
@@ -504,7 +504,7 @@ def _step_context(params, ds, indices, key):
   x, y = _arrays(ds.train)
   vx, vy = _arrays(ds.val)
   indices = jnp.asarray(indices, jnp.int32)
-  return StepContext(params, Batch(indices, x[indices], y[indices]), vx[:16], vy[:16], key, train_x=x, train_y=y)
+  return StepContext(params, Batch(indices, x[indices], y[indices]), vx[:16], vy[:16], key, pool=(x, y))
 
 
 @pytest.fixture(scope="module")
@@ -652,6 +652,6 @@ def test_num_samples_larger_than_pool_is_rejected(sine):
 def test_sampler_needs_the_training_pool(sine):
   method = dvn.grad_norm_sampler(SAMPLER_MODEL, persample.squared_error)
   params = models.init(SAMPLER_MODEL, jax.random.key(0), (1,))
-  ctx = _step_context(params, sine, range(4), jax.random.key(1))._replace(train_x=None, train_y=None)
-  with pytest.raises(ValueError, match="train_x and train_y"):
+  ctx = _step_context(params, sine, range(4), jax.random.key(1))._replace(pool=None)
+  with pytest.raises(ValueError, match="whole training pool"):
     method.weights(method.init(jax.random.key(0), len(sine.train)), ctx)

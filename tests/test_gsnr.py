@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metasel import gsnr, persample
-from metasel._static import StaticCallable
+from metasel import gsnr, persample, records
 from metasel.models import MLP, init
 
 DIM = 4
@@ -187,89 +186,40 @@ def test_bad_input_raises_before_compute():
 
 
 # ----------------------------------------------------------------------------------------------------
-# A new but equal gradient function reuses the compiled program.
+# Gradient functions compare as jax.jit's static arguments do: equal records share one program.
+
+_TRACES: list[float] = []
 
 
-def _scaled_grad(scale, traces):
-  """A new closure on every call: `scale` times the linear gradient; each trace appends to `traces`."""
+def _scaled_grad(scale):
+  """`scale` times the linear gradient; each trace appends `scale` to `_TRACES`."""
 
   def grad_fn(w, batch):
-    traces.append(scale)
+    _TRACES.append(scale)
     return scale * _linear_grad(w, batch)
 
   return grad_fn
 
 
-def test_sweep_reuses_the_program_for_a_new_but_equal_function():
+def test_sweep_shares_the_program_between_equal_gradient_records():
   data, w = _linear_data(jax.random.key(10), (64,))
-  key, traces = jax.random.key(11), []
+  key = jax.random.key(11)
   compiled = gsnr._measure_drawn._cache_size
   run = functools.partial(gsnr.sweep, params=w, data=data, batch_sizes=(8,), num_batches=6, key=key)
+  _TRACES.clear()
   start = compiled()
-  first = run(_scaled_grad(2.0, traces))[8]
-  assert traces == [2.0] and compiled() == start + 1
-  again = run(_scaled_grad(2.0, traces))[8]  # a new closure with equal contents: no trace, no compile
-  assert traces == [2.0] and compiled() == start + 1
+  first = run(records.recipe(_scaled_grad, scale=2.0))[8]
+  assert _TRACES == [2.0] and compiled() == start + 1
+  again = run(records.recipe(_scaled_grad, scale=2.0))[8]  # a new record of equal settings: no trace, no compile
+  assert _TRACES == [2.0] and compiled() == start + 1
   chex.assert_trees_all_equal(tuple(again), tuple(first))
 
-  other = run(_scaled_grad(3.0, traces))[8]  # a different captured value: its own program
-  assert traces == [2.0, 3.0] and compiled() == start + 2
+  other = run(records.recipe(_scaled_grad, scale=3.0))[8]  # another setting: its own program
+  assert _TRACES == [2.0, 3.0] and compiled() == start + 2
   np.testing.assert_allclose(other.signal, 2.25 * first.signal, rtol=1e-5)
   np.testing.assert_allclose(other.aggregate, first.aggregate, rtol=1e-5)  # GSNR ignores the scale
-  chex.assert_trees_all_equal(tuple(run(_scaled_grad(3.0, traces))[8]), tuple(other))
-  assert compiled() == start + 2
-
-
-_README = """
-per_sample_loss = lambda w, x, y: SCALE * jnp.square(x @ w - y)
-model_grad = lambda p, batch: jax.grad(lambda q: per_sample_loss(q, *batch).mean())(p)
-"""
-
-
-def _readme_grad(scale):
-  """`model_grad` as the README builds it, from a fresh run of its code: it reads its loss from globals."""
-  namespace = {"jax": jax, "jnp": jnp, "SCALE": scale}
-  exec(_README, namespace)  # pylint: disable=exec-used
-  return namespace["model_grad"]
-
-
-def test_static_callable_compares_code_closures_and_globals_read():
-  same = StaticCallable(_scaled_grad(2.0, [])), StaticCallable(_scaled_grad(2.0, []))
-  assert same[0] != same[1]  # two different lists (unhashable) captured: compared by identity
-  traces = []
-  a, b = StaticCallable(_scaled_grad(2.0, traces)), StaticCallable(_scaled_grad(2.0, traces))
-  assert a == b and hash(a) == hash(b) and a.fn is not b.fn
-  assert a != StaticCallable(_scaled_grad(3.0, traces))
-  assert a != StaticCallable(_scaled_grad(2, traces))  # an int traces differently from a float
-  assert a != StaticCallable(lambda w, batch: 2.0 * _linear_grad(w, batch))  # other code
-  assert StaticCallable(_readme_grad(0.5)) == StaticCallable(_readme_grad(0.5))
-  assert StaticCallable(_readme_grad(0.5)) != StaticCallable(_readme_grad(0.25))  # a global read differs
-
-  def shift(value):
-    return lambda x: x + value
-
-  array = jnp.ones(3)
-  assert StaticCallable(shift(array)) == StaticCallable(shift(array))
-  assert StaticCallable(shift(array)) != StaticCallable(shift(jnp.ones(3)))  # equal values, other array
-
-  assert StaticCallable(functools.partial(_scaled_grad(2.0, traces), batch=1)) == StaticCallable(
-      functools.partial(_scaled_grad(2.0, traces), batch=1)
-  )
-  assert StaticCallable(functools.partial(_linear_grad, batch=1)) != StaticCallable(
-      functools.partial(_linear_grad, batch=2)
-  )
-  assert StaticCallable(a) == a and StaticCallable(a).fn is a.fn
-
-
-def test_static_callable_delegates_and_survives_recursion():
-  def factorial_fn():
-    def factorial(n):
-      return 1 if n <= 1 else n * factorial(n - 1)
-
-    return factorial
-
-  wrapped = StaticCallable(factorial_fn())  # the closure holds the function itself
-  assert wrapped(5) == 120 and wrapped == StaticCallable(wrapped.fn)
-  assert wrapped != StaticCallable(factorial_fn())  # a cycle is compared by identity
-  with pytest.raises(ValueError, match="fn must be callable, got 'x' of type str"):
-    StaticCallable("x")
+  closure = _scaled_grad(3.0)  # a plain function is its own key: the same object reuses its program
+  run(closure), run(closure)
+  assert compiled() == start + 3
+  with pytest.raises(ValueError, match="grad_fn must be callable"):
+    run("x")

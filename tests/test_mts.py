@@ -237,7 +237,7 @@ def test_features_name_their_columns_and_meta_inputs_follow_them():
   assert mts.table_features(table).names == ("table_0", "table_1", "table_2")
   assert mts.position_features(model, persample.softmax_cross_entropy, C).width == 5
   ctx = core.StepContext(params, core.Batch(jnp.arange(B)[::-1], x, y, jnp.arange(B) % 2), x[:7], y[:7], jax.random.key(0))
-  raw = np.asarray(feats(params, ctx))
+  raw = np.asarray(feats(ctx))
   np.testing.assert_allclose(raw[:, 1:], table[::-1], rtol=1e-6)  # the batch's rows of the table
   np.testing.assert_allclose(raw[:, 0], persample.losses(model, params, x, y, persample.softmax_cross_entropy), rtol=1e-5)
   plain, labels, groups = mts.meta_inputs(feats, mts.MetaNet(), ctx, standardize=False)
@@ -362,7 +362,7 @@ def test_online_sensitivity_is_the_closed_form_of_the_loop_step():
   data = tuple(jnp.asarray(a) for a in (dataset.train.x, dataset.train.y, dataset.val.x, dataset.val.y))
   state = train.LoopState(params, tx.init(params), jnp.zeros(16), signals.tracker_init(96), jnp.zeros((), jnp.int32), jax.random.key(2))
   with jax.disable_jit():
-    final, _ = train.make_epoch(MODEL, LOSS, tx, probe, 16)(state, data, jnp.arange(16)[None])
+    final, _ = train.make_epoch(train.make_step(MODEL, LOSS, tx, probe, num_train=96, track_dynamics=True), 16)(state, data, jnp.arange(16)[None])
   ctx = recorded["ctx"]
   val_grad = jax.grad(lambda p: jnp.mean(LOSS(MODEL.apply({"params": p}, ctx.val_x), ctx.val_y)))(recorded["params"])
   per_sample = lambda p, x, y: LOSS(MODEL.apply({"params": p}, x), y)
@@ -436,7 +436,7 @@ def test_bad_input_is_refused_clearly():
   )
   no_groups = tuple(jnp.asarray(a) for a in (dataset.train.x, dataset.train.y, dataset.val.x, dataset.val.y))
   with pytest.raises(ValueError, match="embeds real/synthetic groups .* but the batch has none"):
-    train.make_epoch(MODEL, LOSS, tx, embeds_groups, 16)(state, no_groups, jnp.arange(16)[None])
+    train.make_epoch(train.make_step(MODEL, LOSS, tx, embeds_groups, num_train=96, track_dynamics=True), 16)(state, no_groups, jnp.arange(16)[None])
 
 
 def test_inner_learning_rate_is_checked_like_every_positive_setting():

@@ -357,7 +357,7 @@ def test_oracles_and_random_drops_share_one_compiled_epoch():
   config = train.TrainConfig(epochs=1, batch_size=16, val_batch_size=16, track_dynamics=False)
   flips = noisy.train.tier != 0
   for make in (lambda i: selection.oracle(np.roll(flips, i)), lambda i: selection.random_drop(0.1 + 0.2 * i)):
-    train._compiled_epoch.cache_clear()
+    jax.clear_caches()
     for i in range(2):
       train.fit(MODEL, noisy, config, make(i))
-    assert train._compiled_epoch.cache_info().misses == 1
+    assert train._fit_epoch._cache_size() == 1

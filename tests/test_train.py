@@ -89,7 +89,7 @@ def test_method_probabilities_drive_sampling():
 def test_epoch_jit_equals_eager():
   dataset = _blobs()
   tx = train.make_optimizer("sgd", 0.1)
-  epoch = train.make_epoch(MODEL, train.loss_fn_for(dataset), tx, core.uniform(), 16)
+  epoch = train.make_epoch(train.make_step(MODEL, train.loss_fn_for(dataset), tx, num_train=256, track_dynamics=True), 16)
   params = models.init(MODEL, jax.random.key(0), dataset.input_shape)
   state = train.LoopState(params, tx.init(params), (), signals.tracker_init(256), jnp.zeros((), jnp.int32), jax.random.key(1))
   data = tuple(jnp.asarray(a) for a in (dataset.train.x, dataset.train.y, dataset.val.x, dataset.val.y))

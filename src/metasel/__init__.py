@@ -1,8 +1,10 @@
 """metasel: compiled per-sample gradients, signals and meta-gradients for training-data selection.
 
-Every public module is reachable as an attribute (`metasel.persample`, `metasel.mts`, ...) and is imported
-on first use, so that importing one piece (say `metasel.mts`) does not import the others it does not need,
-such as the training loop.
+Every module named in `__all__` is reachable as an attribute (`metasel.persample`, `metasel.mts`, ...) and
+is imported on first use, so that importing one piece (say `metasel.mts`) does not import the others it
+does not need, such as the training loop. Modules that need the experiments extra (`stats`, `forecast`,
+`runs`) say so when it is missing. Implementation helpers (`checks`, `numerics`, `handlers`, `uses`,
+`extras`, ...) are importable by their full name and left out of `__all__`.
 """
 
 import importlib
@@ -11,19 +13,21 @@ __version__ = "0.1.0"
 
 __all__ = [
     "adapters",
-    "checks",
     "contributions",
+    "controllers",
     "core",
     "data",
     "dvn",
+    "forecast",
     "ghost",
     "gsnr",
     "hypergrad",
     "influence",
     "models",
     "mts",
-    "numerics",
+    "parallel",
     "persample",
+    "records",
     "runs",
     "samplers",
     "selection",

@@ -18,6 +18,7 @@ sample and the parameters alone.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from collections.abc import Callable, Hashable
 from typing import Any, Literal
@@ -28,7 +29,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from metasel._static import ByIdentity
 
 __all__ = ["Model", "ModelLike", "Params", "as_model", "split_outputs", "init", "check_params", "check_output"]
 
@@ -83,12 +83,27 @@ def as_model(model: ModelLike, *, init: Callable | None = None) -> Model:
   )
 
 
+class _ByIdentity:
+  """Stands for a value that has no value equality: equal only to the same object (which it keeps alive)."""
+
+  __slots__ = ("value",)
+
+  def __init__(self, value: Any):
+    self.value = value
+
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, _ByIdentity) and other.value is self.value
+
+  def __hash__(self) -> int:
+    return id(self.value)
+
+
 def _hashable(value: Any) -> Hashable:
-  """`value` itself when it can key a cache, else a key equal only to the same object."""
+  """`value` itself when it can key a program, else a key equal only to the same object."""
   try:
     hash(value)
   except TypeError:
-    return ByIdentity(value)
+    return _ByIdentity(value)
   return value
 
 
@@ -120,13 +135,19 @@ def _nnx(module: nnx.Module) -> Model:
   initial = params.to_pure_dict()
 
   def apply(params, x):
-    from metasel import tape  # the tape hooks NNX layers of the merged copy; it imports this module
-
     merged = nnx.merge(graphdef, params)
-    tape.hook_nnx(merged)
+    if (hook := NNX_MERGED.get()) is not None:
+      hook(merged)
     return merged(x)
 
   return Model(_translating_errors(apply, name), lambda key, x: initial, "nnx", graphdef, name)
+
+
+# Called on every freshly merged copy of an NNX model before it runs (never on the user's module): the
+# tape sets it while it records, to hook the copy's layers.
+NNX_MERGED: contextvars.ContextVar[Callable[[nnx.Module], None] | None] = contextvars.ContextVar(
+    "metasel_nnx_merged", default=None
+)
 
 
 def _state_message(name: str, what: str) -> str:

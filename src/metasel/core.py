@@ -15,16 +15,17 @@ Methods import this module, never the loop (`metasel.train`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from metasel.tape import Tape
+if TYPE_CHECKING:  # the protocol names the tape's type only; it runs without Flax
+  from metasel.tape import Tape
 
 __all__ = [
-    "Batch", "StepContext", "StepResult", "Method", "Metrics", "uniform", "uniform_weights", "keep_state",
-    "weight_diagnostics", "validation_rows", "with_validation_batch",
+    "Batch", "StepContext", "StepResult", "Method", "Metrics", "uniform", "uniform_weights", "keep_state", "no_state",
+    "weight_diagnostics", "validation_rows", "check_pool",
 ]
 
 Metrics = dict[str, jax.Array]  # scalar metrics, the same keys every step
@@ -42,13 +43,12 @@ class Batch(NamedTuple):
 class StepContext(NamedTuple):
   """What a method may look at in one step: the model params, the batch, a clean validation batch, a key.
 
-  The loop also fills in its own forward pass on the batch at `params` (per-sample `losses` (B,),
-  `outputs` (B, O) and `embeddings` (B, D)), so methods need not run the model again for them, the
-  whole training pool (`train_x` (N, ...), `train_y` (N,)) for methods that score or probe it, and the
-  batch's `tape` at `params` (every taped layer's input rows and per-sample loss-to-output gradients),
-  which costs nothing beyond the forward pass unless a method reads its gradients. `val_split` (the whole
-  validation split) and `val_key` (the key of this step's validation rows) let a method that needs the
-  validation batch only on some steps draw and gather it inside its own branch (`with_validation_batch`).
+  The step also fills in its own forward pass on the batch at `params` (per-sample `losses` (B,),
+  `outputs` (B, O) and `embeddings` (B, D)), so methods need not run the model again for them, and
+  the batch's `tape` at `params` (every taped layer's input rows and per-sample loss-to-output
+  gradients), which costs nothing beyond the forward pass unless a method reads its gradients.
+  `pool` is the training pool `(x (N, ...), y (N,))` the caller gave the step's `init`, for methods
+  that score or probe it (`Method.needs_pool`); None otherwise, as for a streamed loader.
   """
 
   params: Any
@@ -59,11 +59,8 @@ class StepContext(NamedTuple):
   losses: jax.Array | None = None
   outputs: jax.Array | None = None
   embeddings: jax.Array | None = None
-  train_x: jax.Array | None = None
-  train_y: jax.Array | None = None
+  pool: tuple[jax.Array, jax.Array] | None = None
   tape: Tape | None = None
-  val_split: tuple[jax.Array, jax.Array] | None = None
-  val_key: jax.Array | None = None
 
 
 def validation_rows(key: jax.Array, num_rows: int, size: int) -> jax.Array:
@@ -71,17 +68,14 @@ def validation_rows(key: jax.Array, num_rows: int, size: int) -> jax.Array:
   return jax.random.choice(key, num_rows, (size,), replace=False)
 
 
-def with_validation_batch(ctx: StepContext) -> StepContext:
-  """`ctx` with its validation batch drawn and gathered here from `val_split` (the same rows as `ctx.val_x`).
-
-  Called inside a `lax.cond` branch, the draw and the gather run only on the steps the branch runs, and
-  the loop's own are compiled away when nothing else reads `ctx.val_x`.
-  """
-  if ctx.val_split is None or ctx.val_key is None:
-    return ctx
-  val_x, val_y = ctx.val_split
-  rows = validation_rows(ctx.val_key, val_x.shape[0], ctx.val_x.shape[0])
-  return ctx._replace(val_x=val_x[rows], val_y=val_y[rows])
+def check_pool(ctx: StepContext, method: str) -> tuple[jax.Array, jax.Array]:
+  """The step's training pool `(x, y)`, or a clear error naming `method` when the step was given none."""
+  if ctx.pool is None:
+    raise ValueError(
+        f"{method} scores or probes the whole training pool; expected the pool given to the step"
+        " (`Step.init(key, params, pool=(x, y))`; `train.fit` gives its training split)"
+    )
+  return ctx.pool
 
 
 class StepResult(NamedTuple):
@@ -108,15 +102,21 @@ class Method(NamedTuple):
   """A data-selection method as pure functions over its state.
 
   Attributes:
-    init: `(key, num_train) -> state`.
+    init: `(key, num_train) -> state`; `num_train` is the pool size N the batches' indices address,
+      or None for a stream with no pool (a method keeping a per-sample table then refuses).
     weights: `(state, ctx) -> (weights (B,), carry, metrics)`: non-negative per-sample weights summing to
       one for the model's step (importance weights that make the step unbiased sum to one in expectation), anything `update` needs from this step (any pytree, e.g. `()`), and
       scalar metrics to log. It does not change the state.
     update: `(state, ctx, result, carry) -> (state, metrics)`: the step's one state transition, after the
       model's step; returns the state in the structure `init` gives.
-    probs: optional `state -> (N,)` sampling distribution over the training pool; when absent the loop
-      walks the pool in uniformly shuffled epochs.
+    probs: optional `state -> (N,)` sampling distribution over the training pool: the caller draws
+      its next batch from it (`train.fit` does); when absent `fit` walks the pool in uniformly
+      shuffled epochs, and a user loop feeds whatever batches it has.
     name: label used in logs.
+    needs_pool: the method scores or probes the whole pool (`StepContext.pool`), so every step must
+      be given it, and its `init` the pool size N.
+    needs_validation: the method reads the step's clean validation batch (`StepContext.val_x`,
+      `val_y`); a step given none refuses it before any compute.
   """
 
   init: Callable[[jax.Array, int], Any]
@@ -124,6 +124,8 @@ class Method(NamedTuple):
   update: Callable[[Any, StepContext, StepResult, Any], tuple[Any, Metrics]]
   probs: Callable[[Any], jax.Array] | None = None
   name: str = "method"
+  needs_pool: bool = False
+  needs_validation: bool = True
 
 
 def uniform_weights(size: int) -> jax.Array:
@@ -136,20 +138,21 @@ def keep_state(state, ctx, result, carry):
   return state, {}
 
 
-_UNIFORM = Method(
-    init=lambda key, num_train: (),
-    weights=lambda state, ctx: (uniform_weights(ctx.batch.y.shape[0]), (), {}),
-    update=keep_state,
-    name="uniform",
-)
+def no_state(key: jax.Array, num_train: int | None) -> tuple:
+  """An `init` for methods that keep no state."""
+  return ()
+
+
+def _uniform_batch(state, ctx: StepContext):
+  return uniform_weights(ctx.batch.y.shape[0]), (), {}
 
 
 def uniform() -> Method:
   """Every sample of a batch weighted 1/B, batches drawn as shuffled epochs: plain training.
 
-  Always the same record, so that runs with it share their compiled epochs.
+  Made of module-level functions, so every `uniform()` is equal to every other.
   """
-  return _UNIFORM
+  return Method(no_state, _uniform_batch, keep_state, name="uniform", needs_validation=False)
 
 
 def weight_diagnostics(weights: jax.Array) -> Metrics:

@@ -29,12 +29,13 @@ import optax
 from metasel import checks, parallel, persample
 from metasel.adapters import ModelLike
 from metasel.contributions import contributions, first_order_contributions, spearman
-from metasel.core import Method, StepContext, with_validation_batch
+from metasel.core import Method, StepContext, check_pool
 from metasel.numerics import nonzero_scale
 from metasel.samplers import (
     PROXY_FEATURES, Normalization, ProxyFeatures, SamplerState, proxy_features, sampling_probs, table_sampler,
     table_signal,
 )
+from metasel.records import valued
 
 __all__ = [
     "PROXY_FEATURES",
@@ -191,7 +192,8 @@ def probe(
   probes are split over its devices (K must divide over them).
   """
   # The K probes are split over the ambient data mesh (a no-op on one device).
-  x, y = parallel.constrain_rows((ctx.train_x[rows], ctx.train_y[rows]), "num_samples (the DVN's K probes)")
+  pool_x, pool_y = check_pool(ctx, "the DVN's probe")
+  x, y = parallel.constrain_rows((pool_x[rows], pool_y[rows]), "num_samples (the DVN's K probes)")
   recorded = persample.record(model, ctx.params, x, y, loss_fn)
   probed = features.from_tape(ctx.params, recorded, x, y, rows)  # (K, F)
   estimate = None
@@ -260,6 +262,7 @@ def _check_dvn_options(period, num_samples, fit_steps, memory, step_size, temper
   checks.check_choice("normalization", normalization, ("softmax", "none"))
 
 
+@valued
 def dvn(
     model: ModelLike,
     loss_fn: persample.LossFn,
@@ -294,7 +297,8 @@ def dvn(
   state (`DVNState`). Batches are weighted uniformly.
 
   Args:
-    model, loss_fn: the model being trained (any Flax model) and its per-sample loss.
+    model: the model being trained (any Flax model).
+    loss_fn: its per-sample loss.
     features: the proxy features (default `proxy_features(model, loss_fn)`).
     network: the DVN module (default `DVN()`: 2 x 128, ReLU).
     period: T, steps between meta-updates (>= 1).
@@ -332,8 +336,7 @@ def dvn(
 
   def meta_update(state: DVNState, table: jax.Array, ctx: StepContext) -> DVNState:
     """Probe K pool samples drawn uniformly without replacement, then learn from them."""
-    ctx = with_validation_batch(ctx)  # gathered only on the steps that probe
-    rows = jax.random.choice(ctx.key, ctx.train_x.shape[0], (num_samples,), replace=False)
+    rows = jax.random.choice(ctx.key, check_pool(ctx, name)[0].shape[0], (num_samples,), replace=False)
     found = probe(model, loss_fn, features, ctx, rows, state.step_size, target=target, first_order=compare_first_order)
     return learn_from_probe(
         network, optimizer, state, table, found, fit_steps=fit_steps, standardize_targets=standardize_targets
@@ -359,6 +362,7 @@ def dvn(
   )
 
 
+@valued
 def grad_norm_sampler(
     model: ModelLike, loss_fn: persample.LossFn, *, refresh_every: int | None = None, name: str = "grad-norm"
 ) -> Method:

@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 
 from metasel import checks, numerics, parallel
-from metasel._static import StaticCallable
 
 __all__ = [
     "GradFn",
@@ -203,7 +202,7 @@ def draw_rows(key: jax.Array, data, batch_size: int):
 def _measure_drawn(grad_fn, params, data, key, *, batch_size, num_batches, draw_batch, chunk_size, strategy) -> GSNR:
   """Draw `num_batches` batches of `batch_size` with `draw_batch` and measure: one compiled program.
 
-  `grad_fn` and `draw_batch` come wrapped in `StaticCallable`, so equal functions share the program.
+  `grad_fn` and `draw_batch` are static: equal ones (the same function, or equal records) share the program.
   """
   keys = jax.random.split(jax.random.fold_in(key, batch_size), num_batches)
   # Each batch is drawn where its gradient is taken: a mapped strategy never holds all M batches at once.
@@ -242,9 +241,9 @@ def sweep(
   Each b runs one jitted program, compiled once per (b, num_batches, grad_fn, draw_batch,
   chunk_size): it splits `jax.random.fold_in(key, b)` into `num_batches` keys, draws every batch with
   `jax.vmap` of `draw_batch(key, data, b)` and calls `measure`. All arguments are checked first.
-  Functions count as the same when they compute the same (`metasel._static.StaticCallable`): a lambda
-  rebuilt by the same code with equal captured values reuses the program; one capturing a different
-  value, or an array that is not the same object, compiles its own.
+  Functions compare as `jax.jit`'s static arguments do: the same function object reuses its program,
+  and so does a record equal by value (a `metasel.records.Recipe` of equal settings); a new closure
+  compiles its own.
 
   `strategy` chooses how the M gradients are evaluated (`evaluation_strategy`: by default a `lax.map` on
   the CPU, one `vmap` on accelerators). With a data `mesh` (default: the one set with `jax.set_mesh`,
@@ -266,8 +265,9 @@ def sweep(
       raise ValueError(f"batch sizes must be positive integers, got {b!r} in {batch_sizes}")
     if b > pool:
       raise ValueError(f"batch size {b} exceeds the pool of {pool} rows in data; expected at most {pool}")
-  grad_fn = StaticCallable(grad_fn, name="grad_fn")
-  draw_batch = StaticCallable(draw_batch, name="draw_batch")
+  for name, fn in (("grad_fn", grad_fn), ("draw_batch", draw_batch)):
+    if not callable(fn):
+      raise ValueError(f"{name} must be callable, got {fn!r} of type {type(fn).__name__}")
   params, data, key = parallel.replicate((params, data, key), mesh)
   results = {}
   with parallel.use_mesh(mesh):

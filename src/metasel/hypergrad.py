@@ -52,7 +52,8 @@ def unroll(
     per_sample_loss: `(params, x, y) -> (B,)`.
     inner_optimizer: `learning_rate -> optax.GradientTransformation`, e.g. `optax.sgd` or `optax.adam`;
       the learning rate may be a traced value.
-    params, opt_state: the starting point; `opt_state` is the inner optimiser's state.
+    params: the starting point.
+    opt_state: the inner optimiser's state at `params`.
     weights: (k, B) weights of each step's batch.
     batches: (x (k, B, ...), y (k, B)), one batch per step.
     learning_rate: the inner learning rate (traced).
@@ -108,7 +109,12 @@ def hypergrad(
     weigh: `meta_params -> (k, B)` weights of the unrolled steps' batches.
     meta_params: what the weights depend on (a meta-network's parameters, or the weights themselves).
     outer_loss: `params -> scalar`, e.g. the mean loss on a clean validation batch.
-    per_sample_loss, inner_optimizer, params, opt_state, batches, learning_rate: as in `unroll`.
+    per_sample_loss: as in `unroll`.
+    inner_optimizer: as in `unroll`.
+    params: as in `unroll`.
+    opt_state: as in `unroll`.
+    batches: as in `unroll`.
+    learning_rate: as in `unroll`.
     mode: "exact" (reverse mode through the unroll), "first_order" or "finite_difference" (k = 1 only).
     remat: rematerialise each inner step in the backward pass.
     fd_epsilon: finite-difference step, divided by the norm of the direction (DARTS uses 0.01).

@@ -31,8 +31,9 @@ import jax.numpy as jnp
 
 from metasel import checks, ghost, persample
 from metasel import tape as tape_lib
-from metasel.adapters import ModelLike, as_model
+from metasel.adapters import ModelLike
 from metasel.ghost import DENSE, LayerInfo, LayerTape
+from metasel.records import valued
 
 __all__ = [
     "LaiForm", "LayerSet", "LAI_FORMS", "Activations", "logit_grads", "activations", "dense_layer_names",
@@ -245,13 +246,13 @@ def _check_val(x: jax.Array, val_x: jax.Array) -> None:
     )
 
 
+@valued
 def ghost_scorer(model: ModelLike, loss_fn: persample.LossFn) -> Scorer:
   """Exact ghost influence <grad l_i, grad L_V> and interactions <grad l_i, grad l_j> on any model.
 
   Taped layers by ghost dot products; parameters no layer tapes by `vmap` per-sample gradients (with the
   same warning as `persample` when they are a sizeable share of the model).
   """
-  model = as_model(model)
   record = lambda params, x, y: persample.record(model, params, x, y, loss_fn)  # noqa: E731
 
   def scores(params, x, y, val_x, val_y, tape=None):
@@ -277,6 +278,7 @@ def ghost_scorer(model: ModelLike, loss_fn: persample.LossFn) -> Scorer:
   return Scorer("ghost", scores, interactions)
 
 
+@valued
 def lai_scorer(
     model: ModelLike,
     loss_fn: persample.LossFn,
@@ -297,7 +299,6 @@ def lai_scorer(
     raise ValueError(f"LAI form must be one of {LAI_FORMS}, got {form!r}")
   if reference not in ("validation", "batch"):
     raise ValueError(f"reference must be 'validation' or 'batch', got {reference!r}")
-  model = as_model(model)
 
   def taped(params, x, y, tape=None):
     """The batch's selected activations and logit gradients, from `tape` or one taped forward pass."""

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from metasel import checks, persample, signals
+from metasel import checks, persample, records, signals
 from metasel.adapters import ModelLike
 from metasel.checks import check_choice, check_int, check_positive
 from metasel.core import Method, StepContext, keep_state, uniform, weight_diagnostics
@@ -28,6 +28,7 @@ from metasel.hypergrad import (
     HYPERGRAD_MODES, Hypergrad, HypergradMode, InnerOptimizer, PerSampleLoss, hypergrad, unroll,
 )
 from metasel.numerics import safe_divide
+from metasel.records import valued
 
 __all__ = [
     "NORMALIZATIONS",
@@ -130,30 +131,32 @@ class MetaNet(nn.Module):
 
 
 class Features(NamedTuple):
-  """Per-sample features for a meta-network: column names and `fn(params, ctx) -> (B, len(names))`.
+  """Per-sample features for a meta-network: column names and `fn(ctx) -> (B, len(names))`, the step's
+  batch at the step's params.
 
   Calling a `Features` calls `fn`; its `width` is the number of columns, which the meta-network is
   built for.
   """
 
   names: tuple[str, ...]
-  fn: Callable[[Params, StepContext], jax.Array]
+  fn: Callable[[StepContext], jax.Array]
 
   @property
   def width(self) -> int:
     return len(self.names)
 
-  def __call__(self, params: Params, ctx: StepContext) -> jax.Array:
-    return self.fn(params, ctx)
+  def __call__(self, ctx: StepContext) -> jax.Array:
+    return self.fn(ctx)
 
 
+@valued
 def loss_features(model: ModelLike, loss_fn: persample.LossFn) -> Features:
-  """Each sample's current loss (B, 1): Meta-Weight-Net's only feature."""
+  """Each sample's current loss (B, 1): Meta-Weight-Net's only feature (the step's own when it has them)."""
 
-  def features(params, ctx):
-    if ctx.losses is not None and params is ctx.params:
+  def features(ctx):
+    if ctx.losses is not None:
       return ctx.losses[:, None]
-    return persample.losses(model, params, ctx.batch.x, ctx.batch.y, loss_fn)[:, None]
+    return persample.losses(model, ctx.params, ctx.batch.x, ctx.batch.y, loss_fn)[:, None]
 
   return Features(("loss",), features)
 
@@ -161,6 +164,7 @@ def loss_features(model: ModelLike, loss_fn: persample.LossFn) -> Features:
 POSITION_FEATURES = ("cos_class_centre", "cos_ref_centre", "topk_cos_ref", "knn_agreement", "loss_percentile")
 
 
+@valued
 def position_features(model: ModelLike, loss_fn: persample.LossFn, num_classes: int, *, topk: int = 3, knn: int = 5) -> Features:
   """MTS position features (B, 5) of each sample's embedding against the clean validation batch.
 
@@ -169,12 +173,12 @@ def position_features(model: ModelLike, loss_fn: persample.LossFn, num_classes: 
   Embeddings are the model's own, or the input of its last dense layer (`persample.embeddings`).
   """
 
-  def features(params, ctx):
-    if ctx.outputs is not None and ctx.embeddings is not None and params is ctx.params:
+  def features(ctx):
+    if ctx.outputs is not None and ctx.embeddings is not None:
       outputs, embeddings = ctx.outputs, ctx.embeddings
     else:
-      outputs, embeddings = persample.outputs_and_embeddings(model, params, ctx.batch.x)
-    _, ref_embeddings = persample.outputs_and_embeddings(model, params, ctx.val_x)
+      outputs, embeddings = persample.outputs_and_embeddings(model, ctx.params, ctx.batch.x)
+    _, ref_embeddings = persample.outputs_and_embeddings(model, ctx.params, ctx.val_x)
     feats = signals.position_features(
         embeddings, ctx.batch.y, ref_embeddings, ctx.val_y, num_classes,
         losses=loss_fn(outputs, ctx.batch.y), topk=topk, knn=knn,
@@ -193,16 +197,20 @@ def table_features(table: jax.Array | np.ndarray, names: tuple[str, ...] | None 
   if len(names) != table.shape[1]:
     raise ValueError(f"got {len(names)} names for a feature table of {table.shape[1]} columns; expected one per column")
   checks.check_finite_rows("feature table", table, names)
-  table = jnp.asarray(table)
-  return Features(names, lambda params, ctx: table[ctx.batch.indices])
+  return records.recipe(_table_features, table=jnp.asarray(table), names=names)
 
 
+def _table_features(table: jax.Array, names: tuple[str, ...]) -> Features:
+  return Features(names, lambda ctx: table[ctx.batch.indices])
+
+
+@valued
 def concat_features(*features: Features) -> Features:
   """Several `Features` side by side (B, F_1 + F_2 + ...)."""
   if not features:
     raise ValueError("concat_features needs at least one Features")
   names = tuple(name for f in features for name in f.names)
-  return Features(names, lambda params, ctx: jnp.concatenate([f(params, ctx) for f in features], axis=-1))
+  return Features(names, lambda ctx: jnp.concatenate([f(ctx) for f in features], axis=-1))
 
 
 def zscore(features: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -223,7 +231,7 @@ def meta_inputs(features: Features, meta_net: MetaNet, ctx: StepContext, *, stan
   The features are constants for the meta-gradient (`stop_gradient`) and z-scored over the batch when
   `standardize`; labels and groups are given only when `meta_net` embeds them (else None).
   """
-  feats = jax.lax.stop_gradient(features(ctx.params, ctx))
+  feats = jax.lax.stop_gradient(features(ctx))
   if feats.ndim != 2 or feats.shape[-1] != features.width:
     raise ValueError(
         f"features {features.names} returned shape {feats.shape}; expected (batch, {features.width}), one column each"
@@ -303,6 +311,7 @@ def batch_hypergrad(
   )
 
 
+@valued
 def l2rw(model: ModelLike, loss_fn: persample.LossFn) -> Method:
   """Learning to Reweight (Ren et al. 2018): weights from one virtual SGD step at per-sample epsilon = 0.
 
@@ -351,6 +360,7 @@ def meta_step(meta_optimizer: optax.GradientTransformation, state: MetaState, me
   return new_state, {"meta/grad_norm": jnp.linalg.norm(safe_grads), "meta/skipped": new_state.skipped}
 
 
+@valued
 def mts(
     model: ModelLike,
     loss_fn: persample.LossFn,
@@ -382,7 +392,8 @@ def mts(
   meta-step and is counted in `MetaState.skipped`.
 
   Args:
-    model, loss_fn: the model being trained (any Flax model) and its per-sample loss.
+    model: the model being trained (any Flax model).
+    loss_fn: its per-sample loss.
     features: the meta-network's `Features`, e.g. `loss_features`, `position_features`, `table_features`
       or a `concat_features` of them; its width sizes the meta-network.
     meta_net: the network (default: `MetaNet()`, 2 x 100 ReLU, sigmoid).
@@ -399,7 +410,7 @@ def mts(
   """
   meta_net = meta_net or MetaNet()
   meta_optimizer = meta_optimizer or optax.adamw(1e-3, weight_decay=1e-4)
-  if not isinstance(features, Features):
+  if not isinstance(records.built_of(features), Features):
     raise ValueError(f"features must be a metasel.mts.Features (names and a function), got {type(features).__name__}")
   _check_mts_options(steps, normalization, mode, lookahead, inner_learning_rate)
 
@@ -439,6 +450,7 @@ def mts(
   return Method(init, online_weights, online_update, name=name)
 
 
+@valued
 def mwn(model: ModelLike, loss_fn: persample.LossFn, **options) -> Method:
   """Meta-Weight-Net (Shu et al. 2019): a sigmoid MLP (1 x 100) on each sample's raw loss.
 

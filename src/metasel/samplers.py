@@ -15,11 +15,12 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from metasel import checks, persample
+from metasel import checks, persample, records
 from metasel.adapters import ModelLike
-from metasel.core import Method, Metrics, StepContext, StepResult, uniform_weights
+from metasel.core import Method, Metrics, StepContext, StepResult, check_pool, uniform_weights
 from metasel.numerics import safe_divide
 from metasel.tape import Tape
+from metasel.records import valued
 
 __all__ = [
     "PROXY_FEATURES",
@@ -60,6 +61,7 @@ class ProxyFeatures(NamedTuple):
     return len(self.names)
 
 
+@valued
 def proxy_features(
     model: ModelLike,
     loss_fn: persample.LossFn,
@@ -118,6 +120,10 @@ def table_signal(table, name: str = "table") -> ExtraSignal:
   if table.ndim != 1:
     raise ValueError(f"{name} must have shape (N,), one value per pool sample, got shape {table.shape}")
   checks.check_finite_rows(name, table)
+  return records.recipe(_table_signal, table=table)
+
+
+def _table_signal(table: jax.Array) -> ExtraSignal:
   return lambda tape, y, rows: table[rows]
 
 
@@ -158,14 +164,6 @@ class SamplerState(NamedTuple):
   learner: Any = ()
 
 
-def _check_sampler_ctx(ctx: StepContext) -> None:
-  if ctx.train_x is None or ctx.train_y is None:
-    raise ValueError(
-        "this sampler probes the whole training pool; expected a StepContext with train_x and train_y"
-        " (metasel.train's loop fills them in)"
-    )
-
-
 def _pool_diagnostics(probs: jax.Array) -> Metrics:
   """Effective number of pool samples 1 / sum p_i^2 and the largest probability of the sampler."""
   return {"sampler/pool_ess": 1.0 / jnp.sum(jnp.square(probs)), "sampler/max_prob": jnp.max(probs)}
@@ -189,6 +187,7 @@ def _ordered_after(weights: jax.Array, values: jax.Array) -> jax.Array:
 Learn = Callable[[Any, jax.Array, StepContext], Any]
 
 
+@valued
 def table_sampler(
     features: ProxyFeatures,
     score: Callable[[Any, jax.Array], jax.Array],
@@ -226,15 +225,16 @@ def table_sampler(
 
   def pool_work(state: SamplerState, ctx: StepContext, refresh: jax.Array, learning: jax.Array) -> SamplerState:
     """The table measured anew (when due), the learner's update (when due), and the whole pool rescored."""
-    rows = jnp.arange(ctx.train_x.shape[0])
-    table = jax.lax.cond(refresh, lambda: features.fn(ctx.params, ctx.train_x, ctx.train_y, rows), lambda: state.features)
+    pool_x, pool_y = check_pool(ctx, name)
+    rows = jnp.arange(pool_x.shape[0])
+    table = jax.lax.cond(refresh, lambda: features.fn(ctx.params, pool_x, pool_y, rows), lambda: state.features)
     learner = state.learner
     if learn is not None:
       learner = jax.lax.cond(learning, lambda: learn(state.learner, table, ctx), lambda: state.learner)
     return state._replace(features=table, scores=score(learner, table), learner=learner)
 
   def weights(state: SamplerState, ctx: StepContext):
-    _check_sampler_ctx(ctx)
+    check_pool(ctx, name)
     refresh = _every(state.step, refresh_every)
     learning = jnp.asarray(learn is not None) & _every(state.step, learn_every)
     proposed = jax.lax.cond(refresh | learning, lambda: pool_work(state, ctx, refresh, learning), lambda: state)
@@ -254,4 +254,6 @@ def table_sampler(
     )
     return new_state, _pool_diagnostics(probs)
 
-  return Method(init, weights, update, probs=lambda state: state.probs, name=name)
+  return Method(
+      init, weights, update, probs=lambda state: state.probs, name=name, needs_pool=True, needs_validation=learn is not None
+  )

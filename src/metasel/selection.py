@@ -19,7 +19,6 @@ it counts, per pool sample, how often it was seen by a selecting step and how of
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -27,11 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metasel import checks, core, influence, persample
-from metasel.adapters import ModelLike, as_model
+from metasel import checks, core, influence, persample, records
+from metasel.adapters import ModelLike
+from metasel.records import valued
 
 __all__ = [
-    "SelectionState", "Rule", "selection", "with_rule_state", "sign_drop", "top_k", "greats", "self_paced",
+    "SelectionState", "Rule", "selection", "sign_drop", "top_k", "greats", "self_paced",
     "random_drop", "oracle", "drop_quality",
 ]
 
@@ -50,11 +50,14 @@ class SelectionState(NamedTuple):
   rule: Any = ()
 
 
+@valued
 def selection(
     rule: Rule,
     *,
     name: str,
     start_step: int = 0,
+    rule_state: Any = (),
+    needs_validation: bool = True,
 ) -> core.Method:
   """A `core.Method` that trains each step on the batch samples `rule` keeps, weighted equally.
 
@@ -63,15 +66,17 @@ def selection(
       reported (share below zero).
     name: label for logs.
     start_step: steps before this one train on the whole batch without scoring it (e.g. one epoch).
+    rule_state: the rule's state (a mask, a rate), kept unchanged in `SelectionState.rule`.
+    needs_validation: whether the rule reads the step's validation batch.
 
-  The rule's state starts as `()`; `with_rule_state` gives a built method another (a mask, a rate), kept
-  unchanged in `SelectionState.rule`.
+  The per-sample counts need the pool size; a stream with no pool (`num_train=None`) keeps none
+  (empty tables), so every rule also selects from candidate batches a loader hands over.
   """
   checks.check_int("start_step", start_step, minimum=0)
 
   def init(key, num_train):
-    zeros = jnp.zeros(num_train, jnp.int32)
-    return SelectionState(zeros, zeros, jnp.int32(0), jnp.int32(0), jnp.int32(0), ())
+    zeros = jnp.zeros(0 if num_train is None else num_train, jnp.int32)
+    return SelectionState(zeros, zeros, jnp.int32(0), jnp.int32(0), jnp.int32(0), rule_state)
 
   def weights(state, ctx):
     size = ctx.batch.y.shape[0]
@@ -96,9 +101,10 @@ def selection(
   def update(state, ctx, result, carry):
     keep, selecting, not_finite, empty = carry
     rows = ctx.batch.indices
+    counted = state.seen.shape[0] > 0  # no per-sample counts on a stream with no pool
     new = SelectionState(
-        state.seen.at[rows].add(selecting.astype(jnp.int32)),
-        state.dropped.at[rows].add((selecting & ~keep).astype(jnp.int32)),
+        state.seen.at[rows].add(selecting.astype(jnp.int32)) if counted else state.seen,
+        state.dropped.at[rows].add((selecting & ~keep).astype(jnp.int32)) if counted else state.dropped,
         state.nan_skips + not_finite.astype(jnp.int32),
         state.empty_steps + empty.astype(jnp.int32),
         state.step + 1,
@@ -107,7 +113,7 @@ def selection(
     # Per-step indicators: their epoch means are the shares of steps skipped; the totals are in the state.
     return new, {"nan_skipped": not_finite.astype(jnp.float32), "empty_selection": empty.astype(jnp.float32)}
 
-  return core.Method(init, weights, update, name=name)
+  return core.Method(init, weights, update, name=name, needs_validation=needs_validation)
 
 
 def _scores(scorer: influence.Scorer, ctx: core.StepContext) -> jax.Array:
@@ -115,6 +121,7 @@ def _scores(scorer: influence.Scorer, ctx: core.StepContext) -> jax.Array:
   return scorer.scores(ctx.params, ctx.batch.x, ctx.batch.y, ctx.val_x, ctx.val_y, tape=ctx.tape)
 
 
+@valued
 def sign_drop(scorer: influence.Scorer, *, start_step: int = 0) -> core.Method:
   """Keep the samples whose influence is >= 0, drop the rest (layer-aware influence's rule)."""
 
@@ -132,6 +139,7 @@ def _check_k(k: int, size: int, method: str) -> None:
                      f" expected k <= {size} (a batch size of at least k)")
 
 
+@valued
 def top_k(scorer: influence.Scorer, k: int, *, start_step: int = 0) -> core.Method:
   """Keep the k samples of highest influence of each (larger) candidate batch."""
   checks.check_int("k", k, minimum=1)
@@ -145,6 +153,7 @@ def top_k(scorer: influence.Scorer, k: int, *, start_step: int = 0) -> core.Meth
   return selection(rule, name=f"{scorer.name}-top{k}", start_step=start_step)
 
 
+@valued
 def greats(scorer: influence.Scorer, k: int, step_size: float, *, start_step: int = 0) -> core.Method:
   """GREATS: keep k of each candidate batch, picked greedily with the scorer's train-train interactions.
 
@@ -166,9 +175,9 @@ def greats(scorer: influence.Scorer, k: int, step_size: float, *, start_step: in
   return selection(rule, name=f"greats-{scorer.name}", start_step=start_step)
 
 
+@valued
 def self_paced(model: ModelLike, loss_fn: persample.LossFn, *, start_step: int = 0) -> core.Method:
   """Self-paced learning: keep samples whose loss is at most the median loss of the validation batch."""
-  model = as_model(model)
 
   def rule(_, ctx):
     threshold = jnp.median(persample.losses(model, ctx.params, ctx.val_x, ctx.val_y, loss_fn))
@@ -189,47 +198,43 @@ def _oracle_rule(mask, ctx):
   return keep, keep.astype(jnp.float32) - 0.5
 
 
-@functools.lru_cache(maxsize=None)
-def _shared(rule: Rule, name: str, start_step: int) -> core.Method:
-  """One method record per rule, name and start step, so that methods differing only in the rule's initial
-  state (a drop rate, a mask) share their compiled epochs."""
-  return selection(rule, name=name, start_step=start_step)
-
-
-def with_rule_state(method: core.Method, rule_state: Callable[[int], Any]) -> core.Method:
-  """A `selection` method whose state starts with `rule_state(num_train)` as the rule's state; it shares the
-  compiled epochs of `method`, since only `init` differs."""
-  return method._replace(init=lambda key, num_train: method.init(key, num_train)._replace(rule=rule_state(num_train)))
-
-
 def random_drop(rate: float, *, start_step: int = 0) -> core.Method:
   """Drop each sample with probability `rate` at random: training on fewer samples, with no information.
 
-  The rate lives in the state, so runs at different rates share one compiled epoch.
+  The rate is an array of the record, so runs at different rates share one compiled step.
   """
   checks.check_float("rate", rate, maximum=1.0)
   if rate >= 1.0:
     raise ValueError(f"random_drop needs a drop rate below 1 (some samples must be kept), got {rate}")
   checks.check_int("start_step", start_step, minimum=0)
-  return with_rule_state(_shared(_random_rule, "random-drop", start_step), lambda num_train: jnp.float32(rate))
+  return records.recipe(_random_drop, rate=jnp.float32(rate), start_step=start_step)
+
+
+def _random_drop(rate: jax.Array, start_step: int) -> core.Method:
+  return selection(_random_rule, name="random-drop", start_step=start_step, rule_state=rate, needs_validation=False)
 
 
 def oracle(drop: np.ndarray, *, start_step: int = 0) -> core.Method:
   """Drop exactly the pool samples marked True in `drop` (N,), e.g. the training samples whose labels were flipped.
 
-  The mask lives in the state, so oracles of different masks share one compiled epoch.
+  The mask is an array of the record, so oracles of different masks share one compiled step.
   """
   drop = np.asarray(drop)
   if drop.ndim != 1 or drop.dtype != bool:
     raise ValueError(f"oracle needs a boolean mask (num_train,) of the samples to drop, got {drop.dtype} of shape {drop.shape}")
   checks.check_int("start_step", start_step, minimum=0)
+  return records.recipe(_oracle, drop=jnp.asarray(drop), start_step=start_step)
 
-  def mask(num_train):
+
+def _oracle(drop: jax.Array, start_step: int) -> core.Method:
+  method = selection(_oracle_rule, name="oracle", start_step=start_step, rule_state=drop, needs_validation=False)
+
+  def init(key, num_train):
     if num_train != drop.shape[0]:
       raise ValueError(f"oracle's mask has {drop.shape[0]} entries but the training pool has {num_train} samples")
-    return jnp.asarray(drop)
+    return method.init(key, num_train)
 
-  return with_rule_state(_shared(_oracle_rule, "oracle", start_step), mask)
+  return method._replace(init=init)
 
 
 def drop_quality(state: SelectionState, corrupt: np.ndarray) -> dict[str, float]:

@@ -6,12 +6,16 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-import scipy.stats
-from sklearn.metrics import roc_auc_score
-from statsmodels.stats.multitest import multipletests
-from statsmodels.stats.weightstats import DescrStatsW
 
-from metasel import checks
+from metasel import checks, extras
+
+try:
+  import scipy.stats
+  from sklearn.metrics import roc_auc_score
+  from statsmodels.stats.multitest import multipletests
+  from statsmodels.stats.weightstats import DescrStatsW
+except ModuleNotFoundError as error:
+  raise extras.missing(error, needed_by="metasel.stats") from None
 
 __all__ = [
     "Interval", "mean_ci", "verdict", "tost", "one_sided_p", "holm", "VERDICTS", "comparison_verdict", "tost_power",

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from flax.core.tracers import current_trace
 
-from metasel import ghost, handlers, uses
+from metasel import adapters, ghost, handlers, uses
 from metasel.ghost import ATTEND, EMBED, TIED, LayerInfo, LayerTape
 from metasel.adapters import Model, split_outputs
 
@@ -235,7 +235,8 @@ def _taped_class(cls: type, base: type, handler: handlers.Handler) -> type:
 def hook_nnx(module: nnx.Module) -> None:
   """Let the supported layers of a merged NNX module report to the active tape (nothing when none is active).
 
-  Called by the NNX `Model` on its freshly merged copy, never on the user's module.
+  Called by the NNX `Model` on its freshly merged copy while the tape records
+  (`adapters.NNX_MERGED`), never on the user's module.
   """
   if _ACTIVE.get() is None:
     return
@@ -250,11 +251,12 @@ def hook_nnx(module: nnx.Module) -> None:
 def _recording(recorder: _Recorder, inline_jit: bool):
   """Tape the layers of the model run inside; with `inline_jit`, `jax.jit` inside the model (`nn.jit`, a
   jitted `__call__`) is inlined, so that its layers run in the taped trace, not a cached one the tape never sees."""
-  token = _ACTIVE.set(recorder)
+  token, hook = _ACTIVE.set(recorder), adapters.NNX_MERGED.set(hook_nnx)
   try:
     with nn.intercept_methods(_linen_interceptor), jax.disable_jit() if inline_jit else contextlib.nullcontext():
       yield recorder
   finally:
+    adapters.NNX_MERGED.reset(hook)
     _ACTIVE.reset(token)
 
 

@@ -1,16 +1,17 @@
-"""One training loop for every data-selection method, on any Flax model and any optax optimiser.
+"""The training loop for every data-selection method, on any Flax model and any optax optimiser.
 
-A method (`metasel.core.Method`) gives each batch's per-sample weights and, optionally, the sampling
-distribution over the pool. One epoch is one compiled program: a `lax.scan` over its steps, each step
-drawing its batch on device, weighting the per-sample losses, taking an optax step, letting the method
-make its state transition and (optionally) updating a per-sample training-dynamics tracker. The
-Python side only logs metrics, shows progress, saves checkpoints and stops on a NaN.
+The step itself is public and data-only (`make_step`, from `metasel.step`): a user's own loop feeds it
+whatever batches its loader makes. `fit` is one such loop over an in-memory `Dataset`: each epoch is
+one compiled `lax.scan` of steps, each drawing its batch on device (a shuffled pass, or the method's
+`probs`) and its validation rows. The Python side only logs metrics, shows progress, saves
+checkpoints and stops on a NaN.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import os
 import sys
 from collections.abc import Callable
@@ -20,14 +21,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 
-from metasel import adapters, checks, checkpoints as checkpointing, core, parallel, persample, signals, tape
+from metasel import adapters, checks, checkpoints as checkpointing, core, parallel, persample, records, signals
 from metasel.adapters import Model, ModelLike
 from metasel.data import Dataset, sampling
-from metasel.numerics import safe_divide
+from metasel.step import Step, TrainState, make_step
 
 __all__ = [
+    "Step",
+    "TrainState",
+    "make_step",
     "LoopState",
     "TrainConfig",
     "OPTIMIZERS",
@@ -45,7 +48,7 @@ DEFAULT_LEARNING_RATE = 1e-3
 
 
 class LoopState(NamedTuple):
-  """Everything that changes during training, carried through the compiled epoch (tracker None when off)."""
+  """`fit`'s carry through the compiled epoch: the step's `TrainState` fields and the loop's key."""
 
   params: Any
   opt_state: Any
@@ -63,15 +66,26 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
 }
 
 
-@functools.cache
-def _named_optimizer(name: str) -> optax.GradientTransformation:
-  """The optimiser `name` with its learning rate as traced state (one compiled program for every rate)."""
-  return optax.inject_hyperparams(OPTIMIZERS[name])(learning_rate=DEFAULT_LEARNING_RATE)
+# One transformation per name with its learning rate as traced state (`optax.inject_hyperparams`):
+# its `update` is one function for every rate, so runs at different rates share one compiled program.
+_NAMED = {name: optax.inject_hyperparams(build)(learning_rate=DEFAULT_LEARNING_RATE) for name, build in OPTIMIZERS.items()}
 
 
-def _init_at_rate(init: Callable, learning_rate: float, params) -> Any:
-  state = init(params)
-  return state._replace(hyperparams={**state.hyperparams, "learning_rate": jnp.asarray(learning_rate, jnp.float32)})
+def at_learning_rate(opt_state, learning_rate: float):
+  """A named optimiser's state (`make_optimizer`) with its traced learning rate set to `learning_rate`."""
+  rate = jnp.asarray(learning_rate, jnp.float32)
+  return opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": rate})
+
+
+@dataclasses.dataclass(frozen=True)
+class _InitAtRate:
+  """A named optimiser's `init` at one learning rate; equal for equal names and rates."""
+
+  name: str
+  learning_rate: float
+
+  def __call__(self, params):
+    return at_learning_rate(_NAMED[self.name].init(params), self.learning_rate)
 
 
 def make_optimizer(optimizer: Optimizer, learning_rate: float | None = None) -> optax.GradientTransformation:
@@ -86,9 +100,8 @@ def make_optimizer(optimizer: Optimizer, learning_rate: float | None = None) -> 
     checks.check_choice("optimizer", optimizer, tuple(OPTIMIZERS))
     rate = DEFAULT_LEARNING_RATE if learning_rate is None else learning_rate
     checks.check_positive("learning_rate", rate)
-    base = _named_optimizer(optimizer)
-    return optax.GradientTransformation(functools.partial(_init_at_rate, base.init, rate), base.update)
-  if not isinstance(optimizer, optax.GradientTransformation):
+    return optax.GradientTransformation(_InitAtRate(optimizer, float(rate)), _NAMED[optimizer].update)
+  if not isinstance(records.built_of(optimizer), optax.GradientTransformation):
     raise ValueError(
         f"optimizer must be one of {tuple(OPTIMIZERS)} or an optax GradientTransformation, got {optimizer!r}"
     )
@@ -150,7 +163,7 @@ class TrainConfig:
     if self.steps_per_epoch is None:
       del settings["steps_per_epoch"]  # the default, as in checkpoints written before the field existed
     if not isinstance(self.optimizer, str):
-      settings["optimizer"] = f"optax:{type(self.optimizer).__name__}"
+      settings["optimizer"] = f"optax:{type(records.built_of(self.optimizer)).__name__}"
     return settings
 
 
@@ -159,94 +172,30 @@ def loss_fn_for(dataset: Dataset) -> persample.LossFn:
   return persample.squared_error if dataset.task == "regression" else persample.softmax_cross_entropy
 
 
-def _per_unit_weight(output_grads, weights: jax.Array):
-  """Per-sample output gradients of the weighted loss divided by each weight w_i (zero where w_i = 0)."""
-  scale = safe_divide(1.0, weights)  # (B,)
-  return jax.tree.map(lambda g: g * scale.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype), output_grads)
-
-
-def _check_weights(weights: jax.Array, size: int, method: core.Method) -> None:
-  if jnp.shape(weights) != (size,):
-    raise ValueError(f"method {method.name} returned weights of shape {jnp.shape(weights)}; expected ({size},)")
-
-
-def make_epoch(
-    model: ModelLike,
-    loss_fn: persample.LossFn,
-    tx: optax.GradientTransformation,
-    method: core.Method,
-    val_batch_size: int,
-    track_dynamics: bool = True,
-):
-  """Build `epoch(state, data, batch_indices) -> (state, metrics)`: one `lax.scan` over steps.
+def make_epoch(step: Step, val_batch_size: int):
+  """Build `fit`'s `epoch(state, data, batch_indices) -> (state, metrics)`: one `lax.scan` of `step`.
 
   `data` is `(train_x, train_y, val_x, val_y)`, optionally followed by the training samples' groups
   (N,) (`Split.groups`, shown to methods as `Batch.groups`); `batch_indices` (S, B) are the uniform
-  epoch's batches (ignored when the method samples from its own `probs`); each step shows the method
-  `val_batch_size` validation rows drawn without replacement. Metrics are stacked over steps.
-  Jit the result once per run, donating the state. Traced under a data mesh (`jax.set_mesh`), each
-  batch is split over its devices.
+  epoch's batches (ignored when the method samples from its own `probs`). Each step splits the loop's
+  key into the next one, the batch draw's, the validation rows' and the step's own, gathers its batch
+  and `val_batch_size` validation rows drawn without replacement, and runs `step.step`, given the pool
+  when the method needs it. Metrics are stacked over steps.
   """
-  model = adapters.as_model(model)
 
-  def step(data: tuple, state: LoopState, batch_indices: jax.Array):
+  def one_step(data: tuple, state: LoopState, batch_indices: jax.Array):
     train_x, train_y, val_x, val_y, *groups = data
-    key, batch_key, val_key, method_key = jax.random.split(state.key, 4)
-    if method.probs is not None:
-      batch_indices = sampling.weighted_batches(batch_key, method.probs(state.method_state), batch_indices.shape[0], 1)[0]
-    # The batch axis is split over the ambient data mesh (a no-op on one device); batch-level sums and
-    # softmaxes then run over the global batch, with the all-reduces inserted by jit's partitioner.
+    key, batch_key, val_key, step_key = jax.random.split(state.key, 4)
+    if step.method.probs is not None:
+      batch_indices = sampling.weighted_batches(batch_key, step.method.probs(state.method_state), batch_indices.shape[0], 1)[0]
     batch = core.Batch(batch_indices, train_x[batch_indices], train_y[batch_indices], groups[0][batch_indices] if groups else None)
-    batch = parallel.constrain_rows(batch, "batch_size")
     val_rows = core.validation_rows(val_key, val_x.shape[0], val_batch_size)
-
-    plan = tape.make_plan(model, state.params, batch.x)
-
-    def forward(params, perturbations):
-      fwd = tape.forward(model, params, batch.x, perturbations=perturbations, plan=plan)
-      return loss_fn(fwd.outputs, batch.y), fwd
-
-    # One forward pass serves the method (losses, outputs, embeddings) and the weighted gradient; its zero
-    # perturbations make the same backward pass yield every taped layer's output gradients.
-    per_sample, pullback, fwd = jax.vjp(forward, state.params, tape.zero_perturbations(plan), has_aux=True)
-    # Unit-weight output gradients: compiled away unless the method reads them.
-    batch_tape = tape.assemble(fwd, pullback(jnp.ones_like(per_sample))[1], per_sample)
-    ctx = core.StepContext(
-        state.params, batch, val_x[val_rows], val_y[val_rows], method_key, per_sample, fwd.outputs,
-        fwd.embeddings, train_x, train_y, batch_tape, (val_x, val_y), val_key,
-    )
-    weights, carry, weight_metrics = method.weights(state.method_state, ctx)
-    _check_weights(weights, batch_indices.shape[0], method)
-
-    def model_step(weights):
-      grads, output_grads = pullback(weights)  # gradients of sum_i w_i l_i
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      return optax.apply_updates(state.params, updates), (grads, updates, opt_state, output_grads)
-
-    # The step's VJP costs nothing unless a method asks how the new params depend on the weights.
-    params, step_vjp, (grads, updates, opt_state, output_grads) = jax.vjp(model_step, weights, has_aux=True)
-    step_tape = tape.assemble(fwd, _per_unit_weight(output_grads, weights), per_sample)
-    result = core.StepResult(per_sample, params, lambda cotangent: step_vjp(cotangent)[0], step_tape)
-    method_state, update_metrics = method.update(state.method_state, ctx, result, carry)
-    tracker = state.tracker
-    if track_dynamics:
-      classified = jnp.issubdtype(batch.y.dtype, jnp.integer)
-      tracker = signals.tracker_update(
-          tracker, batch.indices, per_sample, fwd.outputs if classified else None, batch.y if classified else None
-      )
-    metrics = {
-        "loss": jnp.sum(weights * per_sample),
-        "mean_loss": jnp.mean(per_sample),
-        "grad_norm": optax.global_norm(grads),
-        "update_norm": optax.global_norm(updates),
-        **core.weight_diagnostics(weights),
-        **weight_metrics,
-        **update_metrics,
-    }
-    return LoopState(params, opt_state, method_state, tracker, state.step + 1, key), metrics
+    pool = (train_x, train_y) if step.method.needs_pool else None
+    train_state, metrics = step.step(TrainState(*state[:5]), batch, (val_x[val_rows], val_y[val_rows]), step_key, pool=pool)
+    return LoopState(*train_state[:5], key), metrics
 
   def epoch(state: LoopState, data: tuple, batch_indices: jax.Array):
-    return jax.lax.scan(functools.partial(step, data), state, batch_indices)
+    return jax.lax.scan(functools.partial(one_step, data), state, batch_indices)
 
   return epoch
 
@@ -260,31 +209,33 @@ def evaluate(model: ModelLike, loss_fn: persample.LossFn, params, x: jax.Array, 
   return result
 
 
-@functools.lru_cache(maxsize=8)
-def _compiled_epoch(model: Model, loss_fn, update: Callable, method: core.Method, val_batch_size: int, track: bool, mesh):
-  """The jitted epoch, shared by every run with the same model, optimiser update, method and mesh (all seeds and rates).
-
-  On a mesh its outputs (state and metrics) are pinned replicated, the shardings its inputs have, so the
-  next epoch reuses the program. Only the few most recent are kept: each holds compiled programs, and a
-  process that keeps hundreds of them alive (a long test session) runs out of memory mappings.
-  """
-  tx = optax.GradientTransformation(_no_init, update)  # the epoch only updates; `fit` initialises the state
-  epoch = make_epoch(model, loss_fn, tx, method, val_batch_size, track)
-  return jax.jit(epoch, donate_argnums=0, **parallel.replicated_outputs(mesh))
+@functools.partial(jax.jit, static_argnums=(1, 2), donate_argnums=3)
+def _fit_epoch(step: Step, val_batch_size: int, mesh, state: LoopState, data: tuple, batch_indices: jax.Array):
+  """`fit`'s compiled epoch; on a mesh its outputs are pinned replicated, as `fit` puts its inputs, so the
+  next epoch runs the same program. Steps of one structure share it: the step is an argument, its
+  method's per-run arrays traced inputs."""
+  out = make_epoch(step, val_batch_size)(state, data, batch_indices)
+  return out if mesh is None else jax.lax.with_sharding_constraint(out, parallel.replicated(mesh))
 
 
-def _no_init(params):
-  raise AssertionError("the compiled epoch never initialises an optimiser")
-
-
-@functools.lru_cache(maxsize=8)
-def _compiled_evaluate(model: Model, loss_fn, mesh):
-  return jax.jit(lambda p, x, y: evaluate(model, loss_fn, p, x, y), **parallel.replicated_outputs(mesh))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _fit_evaluate(model: Model, loss_fn, mesh, params, x, y):
+  out = evaluate(model, loss_fn, params, x, y)
+  return out if mesh is None else jax.lax.with_sharding_constraint(out, parallel.replicated(mesh))
 
 
 def progress_enabled() -> bool:
   """Show progress bars on a terminal, never in CI or when output is redirected."""
   return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def _epochs(done: int, epochs: int, name: str):
+  """The epochs still to run, with a progress bar on a terminal of the main process when tqdm is installed."""
+  if not progress_enabled() or not parallel.is_main_process() or importlib.util.find_spec("tqdm") is None:
+    return range(done, epochs)
+  import tqdm  # from the experiments extra; the core install trains without a bar
+
+  return tqdm.trange(done, epochs, initial=done, total=epochs, desc=name, leave=False)
 
 
 class FitResult(NamedTuple):
@@ -294,24 +245,26 @@ class FitResult(NamedTuple):
   history: list[dict[str, Any]]
 
 
-def _initial_state(model: Model, dataset: Dataset, config: TrainConfig, method: core.Method, tx, params, keys):
+def fit_step(model: Model, dataset: Dataset, config: TrainConfig, method: core.Method, loss_fn) -> Step:
+  """The step `fit` runs: a named optimiser's one transformation for every rate (the rate is set in its state)."""
+  named = isinstance(config.optimizer, str)
+  tx = _NAMED[config.optimizer] if named else config.optimizer
+  return make_step(model, loss_fn, tx, method, num_train=len(dataset.train), track_dynamics=config.track_dynamics)
+
+
+def _initial_state(step: Step, dataset: Dataset, config: TrainConfig, params, keys) -> LoopState:
   """The loop state before the first epoch: params (given, or the model's init), optimiser, method, tracker."""
   init_key, method_key, loop_key = keys
   if params is None:
-    params = adapters.init(model, init_key, dataset.input_shape, dataset.train.x.dtype)
+    params = adapters.init(step.model, init_key, dataset.input_shape, dataset.train.x.dtype)
   else:
-    adapters.check_params(model, params, dataset.input_shape, dataset.train.x.dtype)
-  num_train = len(dataset.train)
-  state = LoopState(
-      params=params,
-      opt_state=tx.init(params),
-      method_state=method.init(method_key, num_train),
-      tracker=signals.tracker_init(num_train) if config.track_dynamics else None,
-      step=jnp.zeros((), jnp.int32),
-      key=loop_key,
-  )
+    adapters.check_params(step.model, params, dataset.input_shape, dataset.train.x.dtype)
+  state = step.init(method_key, params)
+  if isinstance(config.optimizer, str):
+    rate = DEFAULT_LEARNING_RATE if config.learning_rate is None else config.learning_rate
+    state = state._replace(opt_state=at_learning_rate(state.opt_state, rate))
   # The state is donated to each epoch; give every leaf its own buffer, since inits may share one.
-  return jax.tree.map(jnp.copy, state)
+  return jax.tree.map(jnp.copy, LoopState(*state[:5], loop_key))
 
 
 def _epoch_record(epoch: int, state: LoopState, step_metrics: dict, eval_fn, splits: dict) -> dict[str, Any]:
@@ -347,6 +300,7 @@ def fit(
     config: TrainConfig,
     method: core.Method | None = None,
     *,
+    loss_fn: persample.LossFn | None = None,
     params: Any = None,
     log: Callable[[dict[str, Any]], None] | None = None,
     log_every: int = 1,
@@ -355,9 +309,10 @@ def fit(
 ) -> FitResult:
   """Train `model` on `dataset` with `method` (uniform by default); returns the state and history.
 
-  `model` is a Flax linen or NNX module or an `apply(params, x)` function; `params` are the starting
-  parameters (default: the model's init with `config.seed`; an NNX module starts from its own, and a
-  function needs them given). Each epoch is one compiled scan. After every epoch the validation and
+  `model` is a Flax linen or NNX module or an `apply(params, x)` function; `loss_fn` the per-sample
+  loss (default the dataset's, `loss_fn_for`); `params` are the starting parameters (default: the
+  model's init with `config.seed`; an NNX module starts from its own, and a function needs them
+  given). Each epoch is one compiled scan of `make_step`'s step. After every epoch the validation and
   test loss (and accuracy) are evaluated and passed to `log` together with the mean of the step
   metrics; per-step metrics are passed every `log_every` steps. A non-finite loss stops training with a
   FloatingPointError after everything up to that epoch has been logged.
@@ -371,8 +326,41 @@ def fit(
   size must divide over the devices. Batches, samples drawn from a method's `probs` and the numbers
   are those of one device, up to the order of floating-point sums.
   """
-  model = adapters.as_model(model)
-  method = method or core.uniform()
+  mesh = _check_fit(dataset, config, mesh, log_every)
+  step = fit_step(adapters.as_model(model), dataset, config, method or core.uniform(), loss_fn or loss_fn_for(dataset))
+  init_key, method_key, loop_key, order_key = jax.random.split(jax.random.key(config.seed), 4)
+  state = _initial_state(step, dataset, config, params, (init_key, method_key, loop_key))
+  data = tuple(
+      jnp.asarray(a) for a in (dataset.train.x, dataset.train.y, dataset.val.x, dataset.val.y, dataset.train.groups)
+  )
+  splits = {name: (jnp.asarray(getattr(dataset, name).x), jnp.asarray(getattr(dataset, name).y)) for name in ("val", "test")}
+  state, data, splits = parallel.replicate((state, data, splits), mesh)
+  epoch_fn = functools.partial(_fit_epoch, step, config.val_batch_size, mesh)
+  eval_fn = functools.partial(_fit_evaluate, step.model, step.loss_fn, mesh)
+  settings = {k: v for k, v in config.describe().items() if k != "epochs"}  # all but epochs must match to continue
+  checkpoints = None if checkpoint_dir is None else checkpointing.Checkpoints(checkpoint_dir, settings)
+  history = []
+  if checkpoints is not None and (restored := checkpoints.restore(state)) is not None:
+    state, history = restored
+  bar = _epochs(len(history), config.epochs, step.method.name)
+  with parallel.use_mesh(mesh):
+    for epoch in bar:
+      batches = parallel.replicate(_epoch_indices(order_key, epoch, len(dataset.train), config), mesh)
+      state, step_metrics = epoch_fn(state, data, batches)
+      step_metrics = jax.device_get(step_metrics)
+      record = _epoch_record(epoch, state, step_metrics, eval_fn, splits)
+      _log_epoch(log, log_every, record, step_metrics, int(state.step) - len(batches))
+      history.append(record)
+      if hasattr(bar, "set_postfix"):
+        bar.set_postfix(loss=f"{record['train/mean_loss']:.3f}")
+      _check_finite_loss(step_metrics, state, epoch)
+      if checkpoints is not None:
+        checkpoints.save(epoch + 1, state, history)
+  return FitResult(state, history)
+
+
+def _check_fit(dataset: Dataset, config: TrainConfig, mesh, log_every: int):
+  """Check `fit`'s arguments before any compute; the data mesh it runs on (or None)."""
   config.check(dataset)
   mesh = parallel.resolve_mesh(mesh)
   if mesh is not None:
@@ -380,44 +368,13 @@ def fit(
   for split_name in ("train", "val", "test"):
     checks.check_finite_rows(f"{split_name} features", getattr(dataset, split_name).x)
   checks.check_int("log_every", log_every)
-  loss_fn = loss_fn_for(dataset)
-  tx = make_optimizer(config.optimizer, config.learning_rate)
-  init_key, method_key, loop_key, order_key = jax.random.split(jax.random.key(config.seed), 4)
-  state = _initial_state(model, dataset, config, method, tx, params, (init_key, method_key, loop_key))
-  data = tuple(
-      jnp.asarray(a) for a in (dataset.train.x, dataset.train.y, dataset.val.x, dataset.val.y, dataset.train.groups)
-  )
-  splits = {name: (jnp.asarray(getattr(dataset, name).x), jnp.asarray(getattr(dataset, name).y)) for name in ("val", "test")}
-  state, data, splits = parallel.replicate((state, data, splits), mesh)
-  # The epoch never calls `init`, so methods that differ only in their initial state share it.
-  stepper = method._replace(init=None)
-  epoch_fn = _compiled_epoch(model, loss_fn, tx.update, stepper, config.val_batch_size, config.track_dynamics, mesh)
-  eval_fn = _compiled_evaluate(model, loss_fn, mesh)
+  return mesh
 
-  history = []
-  settings = {k: v for k, v in config.describe().items() if k != "epochs"}  # all but epochs must match to continue
-  checkpoints = None if checkpoint_dir is None else checkpointing.Checkpoints(checkpoint_dir, settings)
-  if checkpoints is not None and (restored := checkpoints.restore(state)) is not None:
-    state, history = restored
-  bar = tqdm.trange(
-      len(history), config.epochs, initial=len(history), total=config.epochs,
-      desc=method.name, disable=not progress_enabled() or not parallel.is_main_process(), leave=False,
-  )
-  with parallel.use_mesh(mesh):
-    for epoch in bar:
-      batches = _epoch_indices(order_key, epoch, len(dataset.train), config)
-      batches = parallel.replicate(batches, mesh)
-      state, step_metrics = epoch_fn(state, data, batches)
-      step_metrics = jax.device_get(step_metrics)
-      record = _epoch_record(epoch, state, step_metrics, eval_fn, splits)
-      if log is not None:
-        first_step = int(state.step) - len(batches)
-        for i in range(0, len(batches), log_every):
-          log({"step": first_step + i + 1, **{f"step/{k}": float(v[i]) for k, v in step_metrics.items()}})
-        log(record)
-      history.append(record)
-      bar.set_postfix(loss=f"{record['train/mean_loss']:.3f}")
-      _check_finite_loss(step_metrics, state, epoch)
-      if checkpoints is not None:
-        checkpoints.save(epoch + 1, state, history)
-  return FitResult(state, history)
+
+def _log_epoch(log, log_every: int, record: dict, step_metrics: dict, first_step: int) -> None:
+  """Pass every `log_every`-th step's metrics, then the epoch's record, to `log`."""
+  if log is None:
+    return
+  for i in range(0, len(step_metrics["loss"]), log_every):
+    log({"step": first_step + i + 1, **{f"step/{k}": float(v[i]) for k, v in step_metrics.items()}})
+  log(record)

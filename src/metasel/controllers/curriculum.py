@@ -9,7 +9,6 @@ al. 2021, "When do curricula work?").
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -19,6 +18,7 @@ import numpy as np
 from metasel import checks
 from metasel.controllers import scores as scoring
 from metasel.core import Method, StepContext, StepResult, uniform_weights
+from metasel.records import valued
 
 __all__ = ["CurriculumState", "curriculum", "random_order_curriculum", "available_probs"]
 
@@ -39,10 +39,17 @@ def available_probs(positions: jax.Array, step: jax.Array, start: float, ramp_st
   return inside / jnp.sum(inside)
 
 
-@functools.cache
-def _paced_steps(start: float, ramp_steps: int, name: str) -> Method:
-  """The pacing's step functions, one record per setting, so that runs differing only in the order (kept in the
-  state) share their compiled epochs."""
+@valued
+def _paced(positions: jax.Array | None, start: float, ramp_steps: int, name: str) -> Method:
+  """The pacing over `positions` (N,) of the pool, or over a random order drawn from the key when None."""
+  scoring.check_pacing(start, ramp_steps)
+
+  def init(key, num_train):
+    if positions is None:
+      return CurriculumState(jax.random.permutation(key, num_train).astype(jnp.int32), jnp.zeros((), jnp.int32))
+    if num_train != positions.shape[0]:
+      raise ValueError(f"curriculum scores cover {positions.shape[0]} samples, but the pool has {num_train}")
+    return CurriculumState(positions, jnp.zeros((), jnp.int32))
 
   def weights(state: CurriculumState, ctx: StepContext):
     share = scoring.pacing(state.step, start, ramp_steps)
@@ -51,13 +58,10 @@ def _paced_steps(start: float, ramp_steps: int, name: str) -> Method:
   def update(state: CurriculumState, ctx: StepContext, result: StepResult, carry):
     return state._replace(step=state.step + 1), {}
 
-  return Method(None, weights, update, probs=lambda state: available_probs(state.positions, state.step, start, ramp_steps), name=name)
+  def probs(state: CurriculumState) -> jax.Array:
+    return available_probs(state.positions, state.step, start, ramp_steps)
 
-
-def _paced(position_init, start: float, ramp_steps: int, name: str) -> Method:
-  scoring.check_pacing(start, ramp_steps)
-  init = lambda key, num_train: CurriculumState(position_init(key, num_train), jnp.zeros((), jnp.int32))
-  return _paced_steps(float(start), ramp_steps, name)._replace(init=init)
+  return Method(init, weights, update, probs=probs, name=name, needs_validation=False)
 
 
 def curriculum(scores, *, ramp_steps: int, start: float = 0.2, easy_first: bool = True, name: str = "curriculum") -> Method:
@@ -74,12 +78,7 @@ def curriculum(scores, *, ramp_steps: int, start: float = 0.2, easy_first: bool 
   positions = np.empty(values.size, np.int32)
   positions[order] = np.arange(values.size, dtype=np.int32)
 
-  def position_init(key, num_train):
-    if num_train != positions.size:
-      raise ValueError(f"curriculum scores cover {positions.size} samples, but the pool has {num_train}")
-    return jnp.asarray(positions)
-
-  return _paced(position_init, start, ramp_steps, name)
+  return _paced(jnp.asarray(positions), float(start), ramp_steps, name)
 
 
 def random_order_curriculum(*, ramp_steps: int, start: float = 0.2, name: str = "curriculum-random-order") -> Method:
@@ -88,4 +87,4 @@ def random_order_curriculum(*, ramp_steps: int, start: float = 0.2, name: str = 
   Bias: as the curriculum's, but the subset seen during the ramp is a uniform random one: within a run it
   trains on that fixed subset, and only averaged over orders is the expected gradient the full pool's.
   """
-  return _paced(lambda key, n: jax.random.permutation(key, n).astype(jnp.int32), start, ramp_steps, name)
+  return _paced(None, float(start), ramp_steps, name)

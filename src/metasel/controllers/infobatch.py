@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +22,7 @@ from metasel import checks, persample
 from metasel.controllers import scores as scoring
 from metasel.controllers.weighting import importance_weights
 from metasel.core import Method, StepContext, StepResult
+from metasel.records import valued
 
 __all__ = ["InfoBatchState", "infobatch"]
 
@@ -67,7 +67,7 @@ def infobatch(
   return _infobatch(pass_steps, float(ratio), anneal_step, loss_fn, name)
 
 
-@functools.cache
+@valued
 def _infobatch(pass_steps: int, ratio: float, anneal_step: int, loss_fn, name: str) -> Method:
   def init(key, num_train):
     ones = jnp.ones((num_train,), jnp.float32)
@@ -92,4 +92,4 @@ def _infobatch(pass_steps: int, ratio: float, anneal_step: int, loss_fn, name: s
     )
     return InfoBatchState(table, kept, rescale), {}
 
-  return Method(init, weights, update, probs=probs, name=name)
+  return Method(init, weights, update, probs=probs, name=name, needs_validation=False)

@@ -8,16 +8,16 @@ s_t annealed from s_0 to s_end; samples not yet seen rank first.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from metasel import adapters, checks, persample
+from metasel import checks, persample
 from metasel.controllers import scores as scoring
 from metasel.controllers.weighting import importance_weights
-from metasel.core import Method, StepContext, StepResult, uniform_weights
+from metasel.core import Method, StepContext, StepResult, check_pool, uniform_weights
+from metasel.records import valued
 
 __all__ = ["RescoringState", "rescoring", "entropy_rescoring", "random_scores"]
 
@@ -66,18 +66,20 @@ def rescoring(
         f" one forward pass, one of {scoring.POOL_SIGNALS}"
     )
   label = name or f"rescoring-{signal}" + ("-unbiased" if importance_weighted else "")
-  model = None if model is None else adapters.as_model(model)
-  steps = _rescoring_steps(
-      signal, total_steps, tuple(float(s) for s in pressure), prefer, refresh_every, model, bool(importance_weighted), loss_fn, label
+  table = None if table is None else jnp.asarray(table, jnp.float32)
+  return _rescoring(
+      signal, total_steps, tuple(float(s) for s in pressure), prefer, refresh_every, model, bool(importance_weighted),
+      loss_fn, table, label,
   )
-  init = lambda key, num_train: RescoringState(scoring.table_init(num_train, signal, table), jax.random.uniform(key, (num_train,)))
-  return steps._replace(init=init)
 
 
-@functools.cache
-def _rescoring_steps(signal, total_steps, pressure, prefer, refresh_every, model, importance_weighted, loss_fn, name) -> Method:
-  """The step functions of `rescoring`, one record per setting, so that runs differing only in their initial
-  table (kept in the state) share their compiled epochs."""
+@valued
+def _rescoring(signal, total_steps, pressure, prefer, refresh_every, model, importance_weighted, loss_fn, table, name) -> Method:
+  """`rescoring`'s method; its initial `table` (N,) is an array of the record, so runs differing only in it
+  share one compiled step."""
+
+  def init(key, num_train):
+    return RescoringState(scoring.table_init(num_train, signal, table), jax.random.uniform(key, (num_train,)))
 
   def probs(state: RescoringState) -> jax.Array:
     s = scoring.annealed_pressure(state.table.step, pressure, total_steps)
@@ -87,7 +89,8 @@ def _rescoring_steps(signal, total_steps, pressure, prefer, refresh_every, model
     table = state.table
     if refresh_every is not None:
       due = table.step % refresh_every == 0
-      fresh = lambda: scoring.pool_signal(model, ctx.params, ctx.train_x, ctx.train_y, signal, loss_fn)
+      pool_x, pool_y = check_pool(ctx, name)
+      fresh = lambda: scoring.pool_signal(model, ctx.params, pool_x, pool_y, signal, loss_fn)
       table = table._replace(values=jax.lax.cond(due, fresh, lambda: table.values))
     w = importance_weights(probs(state), ctx.batch.indices) if importance_weighted else uniform_weights(ctx.batch.y.shape[0])
     pressure_now = scoring.annealed_pressure(state.table.step, pressure, total_steps)
@@ -96,7 +99,7 @@ def _rescoring_steps(signal, total_steps, pressure, prefer, refresh_every, model
   def update(state: RescoringState, ctx: StepContext, result: StepResult, proposed: RescoringState):
     return proposed._replace(table=scoring.table_update(proposed.table, ctx, signal, loss_fn)), {}
 
-  return Method(None, weights, update, probs=probs, name=name)
+  return Method(init, weights, update, probs=probs, name=name, needs_pool=refresh_every is not None, needs_validation=False)
 
 
 def entropy_rescoring(signal: Literal["entropy", "p_uncertainty", "variability"] = "entropy", **kwargs) -> Method:

@@ -48,7 +48,7 @@ BATCH_SIGNALS: dict[str, BatchSignal] = {
     "el2n": lambda ctx, loss_fn: signals.el2n(ctx.outputs, ctx.batch.y),
     "entropy": lambda ctx, loss_fn: signals.predictive_entropy(ctx.outputs),
     "margin": lambda ctx, loss_fn: signals.margin(ctx.outputs, ctx.batch.y),
-    "grad_norm": lambda ctx, loss_fn: output_grad_norm(ctx.outputs, ctx.batch.y, loss_fn),
+    "output_grad_norm": lambda ctx, loss_fn: output_grad_norm(ctx.outputs, ctx.batch.y, loss_fn),
     "p_uncertainty": lambda ctx, loss_fn: _p_one_minus_p(ctx),
     "random": lambda ctx, loss_fn: jax.random.uniform(jax.random.fold_in(ctx.key, 7), ctx.losses.shape),
 }

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -21,7 +20,8 @@ import jax.numpy as jnp
 
 from metasel import checks, persample
 from metasel.controllers import scores as scoring
-from metasel.core import Method, StepContext, StepResult, keep_state
+from metasel.core import no_state, Method, StepContext, StepResult, keep_state
+from metasel.records import valued
 from metasel.numerics import safe_divide
 
 __all__ = ["importance_weights", "ImportanceState", "variance_reduction", "importance_sampling", "loss_weighting"]
@@ -56,7 +56,7 @@ def importance_sampling(
     exponent: float = 1.0,
     threshold: float | None = None,
     smoothing: float = 0.9,
-    signal: str = "grad_norm",
+    signal: str = "output_grad_norm",
     loss_fn: persample.LossFn = persample.softmax_cross_entropy,
     name: str | None = None,
 ) -> Method:
@@ -71,7 +71,8 @@ def importance_sampling(
       when a forward pass costs a third of a training step. (In `train.fit` the backward pass runs over
       all B rows, zero-weighted ones included, so the step costs more than the paper's.)
     smoothing: moving-average factor of tau (which starts at 1, no reduction).
-    signal: the bound g_i, a signal of `scores.POOL_SIGNALS` ("grad_norm": ||d loss / d outputs||).
+    signal: the bound g_i, a signal of `scores.POOL_SIGNALS` ("output_grad_norm": ||d loss / d outputs||,
+      the bound, not the exact per-sample gradient norm `persample.grad_norms`).
 
   Bias: none with k = 1 (only the variance changes); towards hard samples with k < 1.
   """
@@ -86,7 +87,7 @@ def importance_sampling(
   return _importance_sampling(batch_size, float(exponent), threshold, float(smoothing), signal, loss_fn, label)
 
 
-@functools.cache
+@valued
 def _importance_sampling(batch_size, exponent, threshold, smoothing, signal, loss_fn, name) -> Method:
   def init(key, num_train):
     return ImportanceState(jnp.ones((), jnp.float32), jnp.zeros((), bool))
@@ -115,7 +116,7 @@ def _importance_sampling(batch_size, exponent, threshold, smoothing, signal, los
   def update(state, ctx, result: StepResult, proposed: ImportanceState):
     return proposed, {}
 
-  return Method(init, weights, update, name=name)
+  return Method(init, weights, update, name=name, needs_validation=False)
 
 
 def loss_weighting(
@@ -138,11 +139,11 @@ def loss_weighting(
   return _loss_weighting(float(alpha), signal, float(max_ratio), loss_fn, name or f"loss-weighting-a{alpha:g}")
 
 
-@functools.cache
+@valued
 def _loss_weighting(alpha, signal, max_ratio, loss_fn, name) -> Method:
   def weights(state, ctx: StepContext):
     s = jnp.maximum(scoring.BATCH_SIGNALS[signal](ctx, loss_fn), 0.0)  # (B,)
     ratio = jnp.clip(jnp.power(safe_divide(s, jnp.mean(s), 1.0), alpha), 1.0 / max_ratio, max_ratio)
     return ratio / jnp.sum(ratio), (), {}
 
-  return Method(lambda key, n: (), weights, keep_state, name=name)
+  return Method(no_state, weights, keep_state, name=name, needs_validation=False)

@@ -13,9 +13,8 @@ import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
-import sklearn.datasets
 
-from metasel import checks
+from metasel import checks, extras
 from metasel.data import arrays
 from metasel.data.dataset import CLEAN_TIER, MIXED_GROUPS, REAL_GROUP, SYNTHETIC_GROUP, Dataset
 from metasel.data.text import PAD_ID, SPECIAL_TOKENS
@@ -195,7 +194,7 @@ def digits_synthetic(
   if not isinstance(flatten, bool):
     raise ValueError(f"flatten must be True or False, got {flatten!r}")
   fractions = checks.check_fractions("tiers", DEFAULT_DIGITS_TIERS if tiers is None else tiers, DIGITS_TIERS[1:])
-  digits = sklearn.datasets.load_digits()
+  digits = extras.load("sklearn.datasets", needed_by="the digits datasets").load_digits()
   images = (digits.images / 16.0).astype(np.float32)  # (1797, 8, 8) in [0, 1]
   labels = digits.target.astype(np.int32)
 

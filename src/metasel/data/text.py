@@ -13,9 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 
-from metasel import checks
+from metasel import checks, extras
 from metasel.data import arrays
 from metasel.data.dataset import Dataset
 from metasel.data.readers import Column, is_number, read_lines, read_table
@@ -29,6 +28,11 @@ DEFAULT_MAX_LENGTH = 128  # tokens kept per text
 TFDS_CHUNK_SIZE = 1024  # records asked of a TFDS data source per `__getitems__` call
 
 
+
+def _sklearn_text():
+  """scikit-learn's text vectorizers, from the experiments extra."""
+  return extras.load("sklearn.feature_extraction.text", needed_by="the text datasets")
+
 def tfidf(
     train: Sequence[str], *others: Sequence[str], max_features: int = 2000
 ) -> tuple[list[np.ndarray], tuple[str, ...]]:
@@ -36,7 +40,7 @@ def tfidf(
 
   Returns the feature matrices (train first) and the vocabulary (one name per feature).
   """
-  vectorizer = TfidfVectorizer(max_features=max_features, dtype=np.float32)
+  vectorizer = _sklearn_text().TfidfVectorizer(max_features=max_features, dtype=np.float32)
   matrices = [vectorizer.fit_transform(train)] + [vectorizer.transform(t) for t in others]
   return [m.toarray() for m in matrices], tuple(vectorizer.get_feature_names_out())
 
@@ -48,7 +52,7 @@ def token_mask(ids):
 
 def _analyzer() -> Callable[[str], list[str]]:
   """scikit-learn's default word analyzer, the one TF-IDF uses: a text's lowercased words of 2+ characters, in order."""
-  return CountVectorizer(lowercase=True).build_analyzer()
+  return _sklearn_text().CountVectorizer(lowercase=True).build_analyzer()
 
 
 def fit_vocabulary(texts: Sequence[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> tuple[str, ...]:
@@ -280,7 +284,7 @@ def load_tfds(
   test 20%, train the rest); a role alone in its split takes n rows stratified, or all rows when n is None.
   `source_index` is each sample's row within its TFDS split.
   """
-  import tensorflow_datasets as tfds  # a slow import, needed only by this source
+  tfds = extras.load("tensorflow_datasets", needed_by="metasel.data.text.load_tfds")  # a slow import, only here
 
   checks.check_seed(seed)
   features_options = dict(representation=representation, max_features=max_features, max_length=max_length,

@@ -31,7 +31,7 @@ from metasel.signals.neighbours import (
     redundancy,
     topk_cosine_to_reference,
 )
-from metasel.signals.summaries import SUMMARY_NAMES, pool_summary
+from metasel.signals.summaries import SUMMARY_NAMES as SUMMARY_NAMES, pool_summary  # the names of pool_summary
 from metasel.signals.outputs import el2n, embedding_norm, margin, predictive_entropy, true_class_prob
 
 __all__ = [
