@@ -330,11 +330,7 @@ def fit(
   step = fit_step(adapters.as_model(model), dataset, config, method or core.uniform(), loss_fn or loss_fn_for(dataset))
   init_key, method_key, loop_key, order_key = jax.random.split(jax.random.key(config.seed), 4)
   state = _initial_state(step, dataset, config, params, (init_key, method_key, loop_key))
-  data = tuple(
-      jnp.asarray(a) for a in (dataset.train.x, dataset.train.y, dataset.val.x, dataset.val.y, dataset.train.groups)
-  )
-  splits = {name: (jnp.asarray(getattr(dataset, name).x), jnp.asarray(getattr(dataset, name).y)) for name in ("val", "test")}
-  state, data, splits = parallel.replicate((state, data, splits), mesh)
+  state, data, splits = parallel.replicate((state, *_device_data(dataset)), mesh)
   epoch_fn = functools.partial(_fit_epoch, step, config.val_batch_size, mesh)
   eval_fn = functools.partial(_fit_evaluate, step.model, step.loss_fn, mesh)
   settings = {k: v for k, v in config.describe().items() if k != "epochs"}  # all but epochs must match to continue
@@ -357,6 +353,13 @@ def fit(
       if checkpoints is not None:
         checkpoints.save(epoch + 1, state, history)
   return FitResult(state, history)
+
+
+def _device_data(dataset: Dataset) -> tuple[tuple, dict]:
+  """The epoch's `data` (train x, y, val x, y, train groups) and the evaluated splits, as device arrays."""
+  splits = (dataset.train.x, dataset.train.y, dataset.val.x, dataset.val.y, dataset.train.groups)
+  evaluated = {name: (jnp.asarray(getattr(dataset, name).x), jnp.asarray(getattr(dataset, name).y)) for name in ("val", "test")}
+  return tuple(jnp.asarray(a) for a in splits), evaluated
 
 
 def _check_fit(dataset: Dataset, config: TrainConfig, mesh, log_every: int):
