@@ -7,9 +7,18 @@ import io
 import shutil
 from pathlib import Path
 
+import jax
 import pytest
 
 from metasel import cli
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drop JAX's compiled programs after each test module: a session that keeps the thousands the suite compiles
+  alive exhausts the process's memory mappings (vm.max_map_count) and crashes in XLA's compiler."""
+  yield
+  jax.clear_caches()
 
 
 @pytest.fixture(scope="session")

@@ -98,7 +98,7 @@ def _recording(method: core.Method, total_steps: int, batch_size: int) -> core.M
     return (inner, seen.at[step].set(ctx.batch.indices), step + 1), metrics
 
   probs = None if method.probs is None else (lambda state: method.probs(state[0]))
-  return core.Method(init, weights, update, probs, method.name)
+  return core.Method(init, weights, update, probs, method.name, method.needs_pool, method.needs_validation)
 
 
 def _methods():
@@ -163,7 +163,7 @@ def test_dvn_probes_spread_over_devices(mesh, dataset):
   ctx = core.StepContext(
       params, core.Batch(jnp.arange(8), jnp.asarray(dataset.train.x[:8]), jnp.asarray(dataset.train.y[:8])),
       jnp.asarray(dataset.val.x[:16]), jnp.asarray(dataset.val.y[:16]), jax.random.key(0),
-      train_x=jnp.asarray(dataset.train.x), train_y=jnp.asarray(dataset.train.y),
+      pool=(jnp.asarray(dataset.train.x), jnp.asarray(dataset.train.y)),
   )
   features = dvn.proxy_features(MODEL, LOSS)
   probe = jax.jit(lambda ctx, rows: dvn.probe(MODEL, LOSS, features, ctx, rows, 1e-2))

@@ -73,7 +73,7 @@ def check_pool(ctx: StepContext, method: str) -> tuple[jax.Array, jax.Array]:
   if ctx.pool is None:
     raise ValueError(
         f"{method} scores or probes the whole training pool; expected the pool given to the step"
-        " (`Step.init(key, params, pool=(x, y))`; `train.fit` gives its training split)"
+        " (`Step.step(..., pool=(x, y))`; `train.fit` gives its training split)"
     )
   return ctx.pool
 
